@@ -1,0 +1,316 @@
+package inventory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"time"
+
+	"github.com/pinwarden/pinwarden/cri"
+)
+
+// Retries of an event whose name CRI does not (yet) agree on with
+// containerd: CRI updates its own cache after containerd publishes the event.
+const (
+	eventRetryBase = 50 * time.Millisecond
+	eventRetryMax  = 6 // 50ms .. 1.6s, then the periodic relist repairs
+)
+
+// Run fills the inventory and keeps it current until ctx is cancelled, then
+// returns nil. Runtime failures never end Run: it marks the runtime down,
+// reconnects with capped exponential backoff and jitter, and relists fully
+// on reconnect so that nothing that happened meanwhile is missed.
+func (inv *Inventory) Run(ctx context.Context) error {
+	attempt := 0
+	for {
+		connected, err := inv.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		inv.setUp(false)
+		if connected {
+			attempt = 0
+		}
+		delay := inv.backoff(attempt)
+		attempt++
+		inv.logger.WarnContext(ctx, "runtime connection lost", "error", err, "retry_in", delay, "attempt", attempt)
+		t := time.NewTimer(delay)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// backoff returns the delay before reconnect attempt n (0-based): base*2^n
+// capped, jittered into [d/2, d].
+func (inv *Inventory) backoff(n int) time.Duration {
+	d := inv.backoffBase
+	for i := 0; i < n && d < inv.backoffCap; i++ {
+		d *= 2
+	}
+	d = min(d, inv.backoffCap)
+	half := d / 2
+	return half + rand.N(d-half+1) //nolint:gosec // jitter needs no crypto
+}
+
+func (inv *Inventory) setUp(up bool) {
+	if inv.upKnown && inv.up == up {
+		return
+	}
+	inv.mu.Lock()
+	inv.up = up
+	inv.mu.Unlock()
+	inv.upKnown = true
+	inv.observer.RuntimeUp(up)
+}
+
+type retryItem struct {
+	due     time.Time
+	attempt int
+}
+
+// session runs one connection: subscribe, relist, then follow events. It
+// returns connected=true when the relist succeeded.
+func (inv *Inventory) session(ctx context.Context) (connected bool, err error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	evc, errc := inv.rt.Events(sctx)
+	select {
+	case err := <-errc:
+		return false, err
+	default:
+	}
+	if err := inv.relist(sctx, false); err != nil {
+		return false, err
+	}
+	inv.setUp(true)
+	inv.logger.InfoContext(ctx, "runtime connected", "images", inv.count())
+
+	full := time.NewTicker(inv.resync)
+	defer full.Stop()
+	conts := time.NewTicker(inv.containerResync)
+	defer conts.Stop()
+	retries := map[string]retryItem{}
+	var retryC <-chan time.Time
+	var retryT *time.Timer
+	defer func() {
+		if retryT != nil {
+			retryT.Stop()
+		}
+	}()
+	for {
+		// Arm the retry timer for the earliest due name.
+		retryC = nil
+		if len(retries) > 0 {
+			next := time.Time{}
+			for _, it := range retries {
+				if next.IsZero() || it.due.Before(next) {
+					next = it.due
+				}
+			}
+			if retryT == nil {
+				retryT = time.NewTimer(time.Until(next))
+			} else {
+				retryT.Reset(time.Until(next))
+			}
+			retryC = retryT.C
+		}
+		select {
+		case <-ctx.Done():
+			return true, nil
+		case err := <-errc:
+			return true, err
+		case ev := <-evc:
+			inv.observer.RuntimeEvent(ev.Topic)
+			ok, err := inv.handleName(sctx, ev.Name)
+			if err != nil {
+				if connectionLost(sctx, err) {
+					return true, err
+				}
+				// One odd name must not take the runtime "down": the
+				// next relist settles it.
+				inv.logger.WarnContext(ctx, "image event lookup failed; left to relist", "name", ev.Name, "error", err)
+				ok = true
+			}
+			if ok {
+				delete(retries, ev.Name)
+			} else {
+				retries[ev.Name] = retryItem{due: time.Now().Add(eventRetryBase)}
+			}
+		case now := <-retryC:
+			for name, it := range retries {
+				if it.due.After(now) {
+					continue
+				}
+				ok, err := inv.handleName(sctx, name)
+				if err != nil {
+					if connectionLost(sctx, err) {
+						return true, err
+					}
+					inv.logger.WarnContext(ctx, "image event lookup failed; left to relist", "name", name, "error", err)
+					ok = true
+				}
+				if ok || it.attempt+1 >= eventRetryMax {
+					if !ok {
+						inv.logger.DebugContext(ctx, "runtime views disagree on image name; left to relist", "name", name)
+					}
+					delete(retries, name)
+					continue
+				}
+				retries[name] = retryItem{due: now.Add(eventRetryBase << (it.attempt + 1)), attempt: it.attempt + 1}
+			}
+		case <-full.C:
+			if err := inv.relist(sctx, true); err != nil {
+				return true, err
+			}
+			clear(retries)
+		case <-conts.C:
+			if err := inv.relistContainers(sctx); err != nil {
+				return true, err
+			}
+		}
+	}
+}
+
+func (inv *Inventory) count() int {
+	inv.mu.RLock()
+	defer inv.mu.RUnlock()
+	return len(inv.st.entries)
+}
+
+// connectionLost reports whether err means the session is over (runtime
+// gone or unresponsive, or we are stopping) rather than one failed lookup.
+func connectionLost(ctx context.Context, err error) bool {
+	return ctx.Err() != nil || errors.Is(err, cri.ErrUnavailable)
+}
+
+// relist replaces the whole state from full lists. periodic marks the
+// resync relist, whose differences are changes the events missed.
+func (inv *Inventory) relist(ctx context.Context, periodic bool) error {
+	images, err := inv.rt.ListImages(ctx)
+	if err != nil {
+		return fmt.Errorf("relist: %w", err)
+	}
+	targets, err := inv.rt.ImageTargets(ctx)
+	if err != nil {
+		return fmt.Errorf("relist: %w", err)
+	}
+	containers, err := inv.rt.ListContainers(ctx)
+	if err != nil {
+		return fmt.Errorf("relist: %w", err)
+	}
+	ns := buildState(images, targets, containers)
+
+	inv.mu.Lock()
+	old := inv.st
+	inv.st = ns
+	inv.ready = true
+	inv.mu.Unlock()
+
+	imgChanged := diffEntries(old.entries, ns.entries)
+	contChanged := diffContainers(old.byContainer, ns.byContainer)
+	if periodic && len(imgChanged) > 0 {
+		// containerd never replays events: these were dropped (or are
+		// still in flight). Containers have no events; they do not count.
+		inv.logger.InfoContext(ctx, "relist repaired changes the event stream missed", "digests", len(imgChanged))
+		if r, ok := inv.observer.(RepairObserver); ok {
+			r.RelistRepaired(len(imgChanged))
+		}
+	}
+	changed := append(imgChanged, contChanged...)
+	slices.Sort(changed)
+	changed = slices.Compact(changed)
+	inv.observer.Resynced(time.Now())
+	inv.notify(changed, len(contChanged) > 0 || !slices.Equal(old.containers, ns.containers), true)
+	return nil
+}
+
+// relistContainers refreshes only the running containers.
+func (inv *Inventory) relistContainers(ctx context.Context) error {
+	containers, err := inv.rt.ListContainers(ctx)
+	if err != nil {
+		return fmt.Errorf("list containers: %w", err)
+	}
+	if slices.Equal(containers, inv.st.containers) {
+		return nil
+	}
+	inv.mu.Lock()
+	old := inv.st.byContainer
+	inv.st.containers = containers
+	inv.st.byContainer = inv.st.joinContainers()
+	nw := inv.st.byContainer
+	inv.mu.Unlock()
+	inv.notify(diffContainers(old, nw), true, false)
+	return nil
+}
+
+// handleName brings one containerd image name up to date. It reports false
+// when CRI and containerd do not agree on the name yet (to be retried).
+func (inv *Inventory) handleName(ctx context.Context, name string) (bool, error) {
+	target, err := inv.rt.ImageTarget(ctx, name)
+	switch {
+	case errors.Is(err, cri.ErrNotFound):
+		target = ""
+	case err != nil:
+		return false, err
+	}
+	img, err := inv.rt.ImageStatus(ctx, name)
+	if err != nil {
+		return false, err
+	}
+	consistent := (target == "" && img == nil) || (target != "" && img != nil && hasName(img, name))
+
+	// Images that carried the name, or any name img carries now, may have
+	// lost it (tag moved, tag deleted, image removed): refresh them by ID.
+	claimed := []string{name}
+	if img != nil {
+		claimed = names(*img)
+	}
+	var others []string
+	for _, n := range claimed {
+		if o := inv.st.owner[n]; o != "" && (img == nil || o != img.ID) && !slices.Contains(others, o) {
+			others = append(others, o)
+		}
+	}
+	if o := inv.st.owner[name]; o != "" && (img == nil || o != img.ID) && !slices.Contains(others, o) {
+		others = append(others, o)
+	}
+	otherImgs := make([]*cri.Image, len(others))
+	for i, o := range others {
+		if otherImgs[i], err = inv.rt.ImageStatus(ctx, o); err != nil {
+			return false, err
+		}
+	}
+
+	inv.mu.Lock()
+	st := inv.st
+	if target != "" {
+		st.targets[name] = target
+	} else {
+		delete(st.targets, name)
+	}
+	var changed []string
+	if img != nil {
+		changed = append(changed, st.setImage(img.ID, img)...)
+	}
+	for i, o := range others {
+		changed = append(changed, st.setImage(o, otherImgs[i])...)
+	}
+	var contChanged []string
+	if len(changed) > 0 {
+		old := st.byContainer
+		st.byContainer = st.joinContainers()
+		contChanged = diffContainers(old, st.byContainer)
+	}
+	inv.mu.Unlock()
+
+	changed = append(changed, contChanged...)
+	slices.Sort(changed)
+	inv.notify(slices.Compact(changed), false, false)
+	return consistent, nil
+}

@@ -1,0 +1,431 @@
+// Package loop is the agent's node loop: it turns changes of the node's
+// inventory and of the policy into verdicts for every image digest, detects
+// drift of pinned tags, and publishes the result to metrics and the status API.
+//
+// Work is keyed by digest in a coalescing, bounded queue served by a fixed
+// pool of workers. Verdicts the cache already holds cost no network; pending
+// verdicts (registry trouble) are retried with capped, jittered backoff.
+package loop
+
+import (
+	"context"
+	"log/slog"
+	"math/rand/v2"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/pinwarden/pinwarden/agent/inventory"
+	"github.com/pinwarden/pinwarden/agent/metrics"
+	"github.com/pinwarden/pinwarden/agent/pins"
+	"github.com/pinwarden/pinwarden/agent/queue"
+	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/verdict"
+)
+
+// ReasonPinMismatch is the reason of a drifted problem series.
+const ReasonPinMismatch = "pin-mismatch"
+
+// Inventory is what the loop needs to know about the node's images.
+type Inventory interface {
+	Snapshot() []inventory.Image
+	Get(digest string) (inventory.Image, bool)
+}
+
+// Judger decides the verdict of one digest in one repository.
+type Judger interface {
+	Judge(ctx context.Context, repo, digest string) verdict.Result
+}
+
+// Publisher receives the node's state after every change (metrics).
+type Publisher interface {
+	Publish(*metrics.State)
+	QueueDepth(int)
+}
+
+// Reporter is told about the node's images after every change, e.g. to send
+// Kubernetes events on transitions. It must not block.
+type Reporter interface {
+	Report(images []status.Image)
+}
+
+// Options tune the loop. Zero values take the defaults shown.
+type Options struct {
+	Workers       int           // 4
+	QueueCapacity int           // 20000
+	RetryBase     time.Duration // 2s: first retry of a pending verdict
+	RetryMax      time.Duration // 5m
+	OnDropped     func()        // a digest was dropped from the full queue
+	Reporter      Reporter      // optional
+}
+
+// Loop is created with New and started with Run.
+type Loop struct {
+	inv    Inventory
+	judge  Judger
+	pub    Publisher
+	log    *slog.Logger
+	opts   Options
+	q      *queue.Queue
+	dirty  chan struct{}
+	images atomic.Pointer[[]status.Image]
+
+	mu sync.Mutex // guards results, attempts and pins
+	// results is the current verdict of every digest judged so far.
+	results map[string]verdict.Result
+	// attempts counts consecutive pending verdicts per digest, for backoff.
+	attempts map[string]int
+	pins     []pins.Pin
+}
+
+// New returns a loop; nothing runs until Run.
+func New(inv Inventory, j Judger, pub Publisher, logger *slog.Logger, opts Options) *Loop {
+	if opts.Workers <= 0 {
+		opts.Workers = 4
+	}
+	if opts.QueueCapacity <= 0 {
+		opts.QueueCapacity = 20000
+	}
+	if opts.RetryBase <= 0 {
+		opts.RetryBase = 2 * time.Second
+	}
+	if opts.RetryMax <= 0 {
+		opts.RetryMax = 5 * time.Minute
+	}
+	l := &Loop{
+		inv: inv, judge: j, pub: pub, log: logger, opts: opts,
+		q:        queue.New(opts.QueueCapacity, opts.OnDropped),
+		dirty:    make(chan struct{}, 1),
+		results:  map[string]verdict.Result{},
+		attempts: map[string]int{},
+	}
+	empty := []status.Image{}
+	l.images.Store(&empty)
+	return l
+}
+
+// Run serves the queue and publishes state until ctx is done. In-flight
+// verifications are abandoned through ctx.
+func (l *Loop) Run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for range l.opts.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.work(ctx)
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		l.publishLoop(ctx)
+	}()
+	<-ctx.Done()
+	l.q.ShutDown()
+	wg.Wait()
+	return nil
+}
+
+// Changed queues the given digests for judgement (inventory events).
+func (l *Loop) Changed(digests ...string) {
+	for _, d := range digests {
+		l.q.Add(d)
+	}
+	l.markDirty()
+}
+
+// Resync queues every digest on the node and forgets digests that left it.
+// Cached verdicts make this cheap; expired ones are verified again.
+func (l *Loop) Resync() {
+	snap := l.inv.Snapshot()
+	present := make(map[string]bool, len(snap))
+	for _, img := range snap {
+		present[img.Digest] = true
+	}
+	l.mu.Lock()
+	for d := range l.results {
+		if !present[d] {
+			delete(l.results, d)
+			delete(l.attempts, d)
+		}
+	}
+	l.mu.Unlock()
+	for _, img := range snap {
+		l.q.Add(img.Digest)
+	}
+	l.markDirty()
+}
+
+// Rejudge queues every digest whose verdict was computed under a policy
+// fingerprint not in current (after a policy change), or all when current is nil.
+func (l *Loop) Rejudge(current map[string]bool) {
+	var again []string
+	l.mu.Lock()
+	for d, r := range l.results {
+		if current == nil || r.Fingerprint == "" || !current[r.Fingerprint] {
+			again = append(again, d)
+			delete(l.attempts, d)
+		}
+	}
+	l.mu.Unlock()
+	l.Changed(again...)
+}
+
+// SetPins replaces the pins used for drift detection.
+func (l *Loop) SetPins(p []pins.Pin) {
+	l.mu.Lock()
+	l.pins = p
+	l.mu.Unlock()
+	l.markDirty()
+}
+
+// Images returns the last published image list (status.Source). The slice is
+// shared: callers must not modify it.
+func (l *Loop) Images() []status.Image { return *l.images.Load() }
+
+func (l *Loop) markDirty() {
+	select {
+	case l.dirty <- struct{}{}:
+	default:
+	}
+}
+
+func (l *Loop) work(ctx context.Context) {
+	for {
+		d, ok := l.q.Get(ctx)
+		if !ok {
+			return
+		}
+		l.judgeDigest(ctx, d)
+		l.q.Done(d)
+	}
+}
+
+// judgeDigest judges one digest under every repository it is known by; the
+// worst verdict wins, so an alias can never launder an image.
+func (l *Loop) judgeDigest(ctx context.Context, d string) {
+	img, ok := l.inv.Get(d)
+	if !ok {
+		l.mu.Lock()
+		delete(l.results, d)
+		delete(l.attempts, d)
+		l.mu.Unlock()
+		l.markDirty()
+		return
+	}
+	repos := Repos(img)
+	var worst verdict.Result
+	if len(repos) == 0 {
+		worst = verdict.Result{Digest: d, Verdict: verdict.Untrusted, Reason: verdict.ReasonNoPolicy, VerifiedAt: time.Now(),
+			Detail: "the image has no repository name to match a policy with"}
+	}
+	for i, repo := range repos {
+		r := l.judge.Judge(ctx, repo, d)
+		if i == 0 || Severity(r.Verdict) > Severity(worst.Verdict) {
+			worst = r
+		}
+	}
+	if ctx.Err() != nil {
+		return // shutting down: keep the previous verdict
+	}
+	l.mu.Lock()
+	prev, had := l.results[d]
+	l.results[d] = worst
+	var retry time.Duration
+	if worst.Verdict == verdict.Pending {
+		n := l.attempts[d]
+		l.attempts[d] = n + 1
+		retry = Backoff(l.opts.RetryBase, l.opts.RetryMax, n)
+	} else {
+		delete(l.attempts, d)
+	}
+	l.mu.Unlock()
+	if !had || prev.Verdict != worst.Verdict || prev.Reason != worst.Reason {
+		l.log.Info("verdict", "digest", d, "repo", repos, "verdict", worst.Verdict, "reason", worst.Reason,
+			"policy", worst.Policy, "source", worst.Source)
+	}
+	if retry > 0 {
+		l.q.AddAfter(d, retry)
+	}
+	l.markDirty()
+}
+
+// Severity orders verdicts from best (ignored) to worst (untrusted).
+func Severity(v verdict.Verdict) int {
+	switch v {
+	case verdict.Ignored:
+		return 0
+	case verdict.Verified:
+		return 1
+	case verdict.Pending:
+		return 2
+	case verdict.Unverified:
+		return 3
+	case verdict.Untrusted:
+		return 4
+	}
+	return 2
+}
+
+// Backoff is base*2^attempt capped at max, with ±20% jitter.
+func Backoff(base, max time.Duration, attempt int) time.Duration {
+	d := base
+	for i := 0; i < attempt && d < max; i++ {
+		d *= 2
+	}
+	d = min(d, max)
+	jitter := time.Duration(rand.Int64N(int64(d)/5+1)) - d/10
+	return d + jitter
+}
+
+// Repos returns the repositories an image is known by: those of its repo
+// digests and its tags, deduplicated and sorted.
+func Repos(img inventory.Image) []string {
+	seen := map[string]bool{}
+	for _, r := range img.Repos {
+		seen[r] = true
+	}
+	for _, t := range img.Tags {
+		seen[RepoOfTag(t)] = true
+	}
+	out := make([]string, 0, len(seen))
+	for r := range seen {
+		out = append(out, r)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// RepoOfTag strips the tag from "repo:tag" (a port in the host is kept).
+func RepoOfTag(t string) string {
+	if i := strings.LastIndexByte(t, ':'); i > strings.LastIndexByte(t, '/') {
+		return t[:i]
+	}
+	return t
+}
+
+func (l *Loop) publishLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-l.dirty:
+		}
+		l.publish()
+	}
+}
+
+// publish recomputes the node's state from the inventory, the verdicts and
+// the pins, and hands it to metrics, the status API and the reporter.
+func (l *Loop) publish() {
+	snap := l.inv.Snapshot()
+	l.mu.Lock()
+	results := make(map[string]verdict.Result, len(snap))
+	for _, img := range snap {
+		if r, ok := l.results[img.Digest]; ok {
+			results[img.Digest] = r
+		}
+	}
+	pinned := make(map[string]string, len(l.pins)) // repo:tag -> pinned digest
+	for _, p := range l.pins {
+		if p.Tag != "" {
+			pinned[p.TagRef()] = p.Digest
+		}
+	}
+	l.mu.Unlock()
+
+	st, imgs := BuildState(snap, results, pinned)
+	l.images.Store(&imgs)
+	if l.pub != nil {
+		l.pub.Publish(st)
+		l.pub.QueueDepth(l.q.Len())
+	}
+	if l.opts.Reporter != nil {
+		l.opts.Reporter.Report(imgs)
+	}
+}
+
+// BuildState derives the metrics state and the status list from the node's
+// images, their verdicts (missing: pending/queued) and the tag pins.
+func BuildState(snap []inventory.Image, results map[string]verdict.Result, pinned map[string]string) (*metrics.State, []status.Image) {
+	st := &metrics.State{Images: map[verdict.Verdict]int{}, Running: map[verdict.Verdict]int{}}
+	imgs := make([]status.Image, 0, len(snap))
+	for _, img := range snap {
+		r, ok := results[img.Digest]
+		if !ok {
+			r = verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonQueued}
+		}
+		running := len(img.Containers)
+		st.Images[r.Verdict]++
+		st.Running[r.Verdict] += running
+		name := primaryName(img)
+
+		si := status.Image{
+			Image: name, Tags: nonNil(img.Tags), Digest: img.Digest, ImageID: img.ImageID,
+			Verdict: r.Verdict, Reason: r.Reason, RunningContainers: running, Pods: pods(img),
+			Signers: nonNil(r.Signers), Source: r.Source, Policy: r.Policy,
+		}
+		if !r.VerifiedAt.IsZero() {
+			at := r.VerifiedAt
+			si.VerifiedAt = &at
+		}
+		switch r.Verdict {
+		case verdict.Unverified, verdict.Untrusted, verdict.Pending:
+			st.Problems = append(st.Problems, metrics.Problem{Image: name, Digest: img.Digest,
+				Problem: string(r.Verdict), Reason: r.Reason, Running: running > 0})
+		}
+		for _, tag := range img.Tags {
+			pin, isPinned := pinned[tag]
+			if isPinned || running > 0 {
+				st.Tags = append(st.Tags, metrics.TagDigest{Image: tag, Digest: img.Digest})
+			}
+			if isPinned {
+				si.PinnedDigest = pin
+			}
+			if isPinned && pin != img.Digest {
+				si.Drifted = true
+				st.Drifted++
+				st.Problems = append(st.Problems, metrics.Problem{Image: tag, Digest: img.Digest,
+					Problem: metrics.ProblemDrifted, Reason: ReasonPinMismatch, Running: running > 0})
+			}
+		}
+		imgs = append(imgs, si)
+	}
+	return st, imgs
+}
+
+func primaryName(img inventory.Image) string {
+	if len(img.Tags) > 0 {
+		return img.Tags[0]
+	}
+	if len(img.Repos) > 0 {
+		return img.Repos[0]
+	}
+	return img.ImageID
+}
+
+func pods(img inventory.Image) []string {
+	seen := map[string]bool{}
+	out := []string{}
+	for _, c := range img.Containers {
+		if c.PodName == "" {
+			continue
+		}
+		p := c.PodNamespace + "/" + c.PodName
+		if !seen[p] {
+			seen[p] = true
+			out = append(out, p)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}

@@ -1,0 +1,132 @@
+// Package status serves the node's images and verdicts as JSON on
+// GET /v1/images and reads them back for `pinwarden status`.
+package status
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/pinwarden/pinwarden/agent/verdict"
+)
+
+// Image is one image digest on the node, as the CONTRACT's status API shows it.
+type Image struct {
+	Image             string          `json:"image"` // first tag, or the repository
+	Tags              []string        `json:"tags"`
+	Digest            string          `json:"digest"`
+	ImageID           string          `json:"imageID"`
+	Verdict           verdict.Verdict `json:"verdict"`
+	Reason            string          `json:"reason"`
+	Drifted           bool            `json:"drifted"`
+	PinnedDigest      string          `json:"pinnedDigest"`
+	RunningContainers int             `json:"runningContainers"`
+	Pods              []string        `json:"pods"` // namespace/name
+	Signers           []string        `json:"signers"`
+	VerifiedAt        *time.Time      `json:"verifiedAt"`
+	Source            verdict.Source  `json:"source"`
+	Policy            string          `json:"policy,omitempty"`
+}
+
+// Source provides the current images. Implementations must be safe for
+// concurrent use and return a slice the caller may keep.
+type Source interface {
+	Images() []Image
+}
+
+// Path is the API path of the image list.
+const Path = "/v1/images"
+
+// Handler serves GET /v1/images from src.
+func Handler(src Source) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+Path, func(w http.ResponseWriter, _ *http.Request) {
+		imgs := src.Images()
+		if imgs == nil {
+			imgs = []Image{}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(imgs) // the client went away; nothing to do
+	})
+	return mux
+}
+
+// ErrUnreachable means the agent could not be reached.
+var ErrUnreachable = errors.New("agent unreachable")
+
+// Fetch asks the agent at addr (host:port) for its images.
+func Fetch(ctx context.Context, client *http.Client, addr string) ([]Image, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+Path, nil)
+	if err != nil {
+		return nil, fmt.Errorf("status request: %w", err)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, errors.Join(ErrUnreachable, fmt.Errorf("GET %s: %w", Path, err))
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, errors.Join(ErrUnreachable, fmt.Errorf("GET %s: HTTP %d", Path, resp.StatusCode))
+	}
+	var imgs []Image
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 256<<20)).Decode(&imgs); err != nil {
+		return nil, fmt.Errorf("decode %s: %w", Path, err)
+	}
+	return imgs, nil
+}
+
+// WriteTable prints images as a table that fits an 80-column terminal:
+// verdict, image, short digest, running containers, reason. A drifted image
+// has "drifted" first in its reason; `--output json` has the pinned digest.
+func WriteTable(w io.Writer, imgs []Image) error {
+	const imageWidth, reasonWidth = 27, 20 // 10+2+27+2+12+2+3+2+20 = 80
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "VERDICT\tIMAGE\tDIGEST\tRUN\tREASON")
+	for _, im := range imgs {
+		reason := im.Reason
+		if im.Drifted {
+			reason = strings.TrimSuffix("drifted,"+reason, ",")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", im.Verdict, Ellipsize(im.Image, imageWidth),
+			ShortDigest(im.Digest), im.RunningContainers, truncate(reason, reasonWidth))
+	}
+	return tw.Flush()
+}
+
+// ShortDigest returns the first 12 hex characters of a digest.
+func ShortDigest(d string) string {
+	_, hex, ok := strings.Cut(d, ":")
+	if !ok {
+		hex = d
+	}
+	if len(hex) > 12 {
+		hex = hex[:12]
+	}
+	return hex
+}
+
+// Ellipsize shortens s to n runes, keeping its end (the tag is the useful part).
+func Ellipsize(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	return "…" + string(r[len(r)-n+1:])
+}
+
+// truncate shortens s to n runes, keeping its start.
+func truncate(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	return string(r[:n-1]) + "…"
+}

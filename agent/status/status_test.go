@@ -1,0 +1,89 @@
+package status
+
+import (
+	"bytes"
+	"errors"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/pinwarden/pinwarden/agent/verdict"
+)
+
+type staticSource []Image
+
+func (s staticSource) Images() []Image { return s }
+
+func sample() []Image {
+	at := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+	return []Image{
+		{Image: "registry.example.com/shop/api:v2.1", Tags: []string{"registry.example.com/shop/api:v2.1"},
+			Digest: "sha256:" + strings.Repeat("a", 64), ImageID: "sha256:" + strings.Repeat("c", 64),
+			Verdict: verdict.Verified, Signers: []string{"sha256:abc"}, VerifiedAt: &at, Source: verdict.SourceRegistry,
+			RunningContainers: 2, Pods: []string{"shop/api-1", "shop/api-2"}},
+		{Image: "registry.example.com/a/very/long/repository/path/that/never/ends/worker:v1",
+			Digest: "sha256:" + strings.Repeat("b", 64), Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature,
+			Drifted: true, PinnedDigest: "sha256:" + strings.Repeat("d", 64)},
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	t.Parallel()
+	srv := httptest.NewServer(Handler(staticSource(sample())))
+	defer srv.Close()
+	got, err := Fetch(t.Context(), srv.Client(), strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Digest != sample()[0].Digest || got[0].Pods[1] != "shop/api-2" || !got[1].Drifted {
+		t.Fatalf("round trip lost data: %+v", got)
+	}
+	if !got[0].VerifiedAt.Equal(*sample()[0].VerifiedAt) {
+		t.Errorf("verifiedAt = %v", got[0].VerifiedAt)
+	}
+}
+
+func TestEmptyListIsArray(t *testing.T) {
+	t.Parallel()
+	rec := httptest.NewRecorder()
+	Handler(staticSource(nil)).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, Path, nil))
+	if strings.TrimSpace(rec.Body.String()) != "[]" {
+		t.Fatalf("body = %q, want []", rec.Body.String())
+	}
+}
+
+func TestFetchUnreachable(t *testing.T) {
+	t.Parallel()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	if _, err := Fetch(t.Context(), http.DefaultClient, addr); !errors.Is(err, ErrUnreachable) {
+		t.Fatalf("err = %v, want ErrUnreachable", err)
+	}
+}
+
+func TestTableFits80Columns(t *testing.T) {
+	t.Parallel()
+	var buf bytes.Buffer
+	if err := WriteTable(&buf, sample()); err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		if n := utf8.RuneCountInString(line); n > 80 {
+			t.Errorf("line is %d columns: %q", n, line)
+		}
+	}
+	for _, want := range []string{"verified", "unverified", "aaaaaaaaaaaa", "drifted,no-signature"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}

@@ -1,0 +1,374 @@
+// Package verify decides whether the signers of a policy signed one image
+// digest. It fetches cosign signatures (legacy "sha256-<hex>.sig" tags and
+// sigstore bundles attached as OCI referrers) by digest, with its own caps on
+// sizes and counts, and verifies them with the cosign and sigstore-go
+// libraries using only the trust material of pinwarden's config.
+package verify
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/pinwarden/pinwarden/agent/config"
+	"github.com/pinwarden/pinwarden/agent/policy"
+	"github.com/pinwarden/pinwarden/agent/verdict"
+)
+
+// Options configure a Verifier. Zero values take the defaults noted.
+type Options struct {
+	// Registries: insecure hosts and the docker config.json with credentials.
+	Registries config.Registries
+	// RequestTimeout bounds one HTTP request including its body (default 15s).
+	RequestTimeout time.Duration
+	// VerifyTimeout bounds one Verify or Resolve call (default 2m).
+	VerifyTimeout time.Duration
+	// Retries on 429, 5xx and network errors (default 3; negative: none).
+	Retries int
+	// RetryBackoff is the first backoff step, doubled per attempt, with jitter (default 500ms).
+	RetryBackoff time.Duration
+	// MaxSignatures caps the layers of a .sig manifest (default 100).
+	MaxSignatures int
+	// MaxReferrers caps the bundle referrers of one digest (default 100).
+	MaxReferrers int
+	// MaxBlobSize caps a signature layer or bundle, judged from its descriptor
+	// before reading (default 4 MiB).
+	MaxBlobSize int64
+	// MaxResponseSize caps any registry response body, manifests and
+	// referrer indexes included (default 8 MiB).
+	MaxResponseSize int64
+	// Transport replaces http.DefaultTransport underneath pinwarden's own
+	// limits and credential guard (tests, proxies).
+	Transport http.RoundTripper
+	// Logger; nil discards.
+	Logger *slog.Logger
+}
+
+func (o *Options) defaults() {
+	if o.RequestTimeout <= 0 {
+		o.RequestTimeout = 15 * time.Second
+	}
+	if o.VerifyTimeout <= 0 {
+		o.VerifyTimeout = 2 * time.Minute
+	}
+	switch {
+	case o.Retries == 0:
+		o.Retries = 3
+	case o.Retries < 0:
+		o.Retries = 0
+	}
+	if o.RetryBackoff <= 0 {
+		o.RetryBackoff = 500 * time.Millisecond
+	}
+	if o.MaxSignatures <= 0 {
+		o.MaxSignatures = 100
+	}
+	if o.MaxReferrers <= 0 {
+		o.MaxReferrers = 100
+	}
+	if o.MaxBlobSize <= 0 {
+		o.MaxBlobSize = 4 << 20
+	}
+	if o.MaxResponseSize <= 0 {
+		o.MaxResponseSize = 8 << 20
+	}
+	if o.MaxResponseSize < o.MaxBlobSize {
+		o.MaxResponseSize = o.MaxBlobSize
+	}
+	if o.Transport == nil {
+		o.Transport = http.DefaultTransport
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Verifier verifies image digests against compiled policies. It is safe for
+// concurrent use; it holds no per-image state.
+type Verifier struct {
+	opts     Options
+	keychain *dockerKeychain
+	insecure map[string]bool
+	rt       http.RoundTripper
+	log      *slog.Logger
+}
+
+// New builds a Verifier. It reads the docker config file named in
+// opts.Registries (and nothing else) for credentials.
+func New(opts Options) (*Verifier, error) {
+	opts.defaults()
+	kc, err := loadDockerConfig(opts.Registries.DockerConfig)
+	if err != nil {
+		return nil, err
+	}
+	insecure := map[string]bool{}
+	for _, h := range opts.Registries.Insecure {
+		insecure[strings.ToLower(h)] = true
+	}
+	v := &Verifier{opts: opts, keychain: kc, insecure: insecure, log: opts.Logger}
+	v.rt = &guardTransport{
+		next: opts.Transport, keychain: kc, insecure: insecure, timeout: opts.RequestTimeout,
+		maxBody: opts.MaxResponseSize, retries: opts.Retries, backoff: opts.RetryBackoff, log: opts.Logger,
+	}
+	return v, nil
+}
+
+func (v *Verifier) remoteOptions(ctx context.Context) []remote.Option {
+	return []remote.Option{
+		remote.WithContext(ctx),
+		remote.WithTransport(v.rt),
+		remote.WithAuthFromKeychain(v.keychain),
+		// Retries happen in guardTransport, with jitter and caps; none in ggcr.
+		remote.WithRetryStatusCodes(),
+		remote.WithRetryPredicate(func(error) bool { return false }),
+		remote.WithUserAgent("pinwarden"),
+	}
+}
+
+func (v *Verifier) repository(repo string) (name.Repository, error) {
+	opts := []name.Option{name.StrictValidation}
+	host, _, _ := strings.Cut(repo, "/")
+	if v.insecure[strings.ToLower(host)] {
+		opts = append(opts, name.Insecure)
+	}
+	return name.NewRepository(repo, opts...)
+}
+
+// Verify judges digest (in repository repo) under policy p. The result is
+// verified only when at least p.Threshold distinct keys/identities verified a
+// signature whose signed digest is exactly digest. Errors never yield verified:
+// registry trouble gives pending, failed checks give unverified.
+func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest string) verdict.Result {
+	res := verdict.Result{Digest: digest, Source: verdict.SourceRegistry, VerifiedAt: time.Now()}
+	switch {
+	case p == nil:
+		res.Verdict, res.Reason = verdict.Untrusted, verdict.ReasonNoPolicy
+		return res
+	case p.Deny:
+		res.Verdict, res.Reason, res.Policy, res.Fingerprint = verdict.Untrusted, verdict.ReasonDenied, p.Name, p.Fingerprint
+		return res
+	case p.Ignore:
+		res.Verdict, res.Policy, res.Fingerprint = verdict.Ignored, p.Name, p.Fingerprint
+		return res
+	}
+	res.Policy, res.Fingerprint = p.Name, p.Fingerprint
+	signers, err := v.verify(ctx, p, repo, digest)
+	res.VerifiedAt = time.Now()
+	if err == nil {
+		res.Verdict, res.Signers = verdict.Verified, signers
+		return res
+	}
+	res.Detail = truncate(err.Error(), 1024)
+	var fe *FailureError
+	var re *RegistryError
+	switch {
+	case errors.As(err, &fe):
+		res.Verdict, res.Reason = verdict.Unverified, fe.Reason
+	case errors.As(err, &re) && re.Unreachable:
+		res.Verdict, res.Reason = verdict.Pending, verdict.ReasonRegistryUnreachable
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled):
+		res.Verdict, res.Reason = verdict.Pending, verdict.ReasonRegistryUnreachable
+	default:
+		res.Verdict, res.Reason = verdict.Pending, verdict.ReasonRegistryError
+	}
+	v.log.Debug("image not verified", "repo", repo, "digest", digest, "policy", p.Name,
+		"verdict", res.Verdict, "reason", res.Reason, "err", err)
+	return res
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// checkPolicy asserts what Compile guarantees, so that a hand-built Policy
+// cannot turn into a cosign call without identities or trust.
+func checkPolicy(p *policy.Policy) error {
+	if p.Threshold < 1 {
+		return fmt.Errorf("policy %q: threshold %d < 1", p.Name, p.Threshold)
+	}
+	if len(p.Keys)+len(p.Identities) < p.Threshold {
+		return fmt.Errorf("policy %q: threshold %d exceeds its %d signers", p.Name, p.Threshold, len(p.Keys)+len(p.Identities))
+	}
+	for _, k := range p.Keys {
+		if k.Verifier == nil || k.ID == "" {
+			return fmt.Errorf("policy %q: key %s not loaded", p.Name, k.Path)
+		}
+	}
+	for _, id := range p.Identities {
+		if id.Issuer == "" || (id.Subject == "" && id.SubjectRegExp == "") {
+			return fmt.Errorf("policy %q: keyless identity without issuer or subject", p.Name)
+		}
+		if id.SubjectRegExp != "" && (!strings.HasPrefix(id.SubjectRegExp, "^") || !strings.HasSuffix(id.SubjectRegExp, "$")) {
+			return fmt.Errorf("policy %q: identity regexp %q is not anchored", p.Name, id.SubjectRegExp)
+		}
+	}
+	if len(p.Identities) > 0 && (!p.RequireTlog || p.TrustedRoot == nil) {
+		return fmt.Errorf("policy %q: keyless identities need tlog and a trusted root", p.Name)
+	}
+	if p.RequireTlog && p.TrustedRoot == nil {
+		return fmt.Errorf("policy %q: tlog needs a trusted root", p.Name)
+	}
+	return nil
+}
+
+func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, error) {
+	if err := checkPolicy(p); err != nil {
+		return nil, err
+	}
+	ref, err := policy.ParseReference(repo + "@" + digest)
+	if err != nil || ref.Repo != repo || ref.Tag != "" {
+		return nil, fmt.Errorf("invalid repository or digest %q@%q: %w", repo, digest, err)
+	}
+	if !strings.HasPrefix(digest, "sha256:") {
+		return nil, failure(verdict.ReasonInvalidSignature, "cosign signs sha256 digests only, got %s", digest)
+	}
+	r, err := v.repository(repo)
+	if err != nil {
+		return nil, fmt.Errorf("repository %q: %w", repo, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
+	defer cancel()
+	puller, err := remote.NewPuller(v.remoteOptions(ctx)...)
+	if err != nil {
+		return nil, fmt.Errorf("registry client: %w", err)
+	}
+	d := r.Digest(digest)
+	t := newTally(p)
+
+	sigs, err := v.fetchLegacy(ctx, puller, d)
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range sigs {
+		v.checkLegacy(ctx, p, s, d, t)
+		if t.met() {
+			return t.signers(), nil
+		}
+	}
+	bundles, err := v.fetchBundles(ctx, puller, d)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range bundles {
+		v.checkBundle(ctx, p, b, d, t)
+		if t.met() {
+			return t.signers(), nil
+		}
+	}
+	return nil, t.failure()
+}
+
+// tally counts distinct successful signers and why the others failed.
+type tally struct {
+	threshold int
+	success   map[int]string // signer index (keys first, then identities) -> label
+	seen      int            // signatures and bundles examined
+	reasons   map[string]int
+	last      map[string]error
+}
+
+func newTally(p *policy.Policy) *tally {
+	return &tally{threshold: p.Threshold, success: map[int]string{}, reasons: map[string]int{}, last: map[string]error{}}
+}
+
+// ok records that policy signer number signer verified a signature made by
+// label. One actual signer counts once even when two configured identities
+// (say, overlapping regexps) both accept its certificate.
+func (t *tally) ok(signer int, label string) {
+	for _, l := range t.success {
+		if l == label {
+			return
+		}
+	}
+	t.success[signer] = label
+}
+
+func (t *tally) fail(err *FailureError) {
+	t.reasons[err.Reason]++
+	t.last[err.Reason] = err
+}
+
+func (t *tally) met() bool { return len(t.success) >= t.threshold }
+
+func (t *tally) signers() []string {
+	out := make([]string, 0, len(t.success))
+	for _, s := range t.success {
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// reasonPriority: the most specific explanation wins when several signatures
+// failed for different reasons.
+var reasonPriority = []string{
+	verdict.ReasonTooLarge, verdict.ReasonDigestMismatch, verdict.ReasonTlogMissing,
+	verdict.ReasonIdentityMismatch, verdict.ReasonInvalidSignature,
+}
+
+func (t *tally) failure() error {
+	if len(t.success) > 0 {
+		return failure(verdict.ReasonThresholdNotMet, "%d of %d required signers verified (%s)",
+			len(t.success), t.threshold, strings.Join(t.signers(), ", "))
+	}
+	if t.seen == 0 {
+		return failure(verdict.ReasonNoSignature, "no signatures found")
+	}
+	for _, r := range reasonPriority {
+		if t.reasons[r] > 0 {
+			return &FailureError{Reason: r, Err: fmt.Errorf("%d signature(s) examined, none acceptable: %w", t.seen, t.last[r])}
+		}
+	}
+	return failure(verdict.ReasonInvalidSignature, "%d signature(s) examined, none acceptable", t.seen)
+}
+
+// Resolve returns the digest that ref names: ref.Digest when set, otherwise
+// the digest the registry reports for the tag ("latest" when none).
+func (v *Verifier) Resolve(ctx context.Context, ref policy.Ref) (string, error) {
+	if ref.Digest != "" {
+		if err := policy.ValidateDigest(ref.Digest); err != nil {
+			return "", err
+		}
+		return ref.Digest, nil
+	}
+	r, err := v.repository(ref.Repo)
+	if err != nil {
+		return "", fmt.Errorf("repository %q: %w", ref.Repo, err)
+	}
+	tag := ref.Tag
+	if tag == "" {
+		tag = "latest"
+	}
+	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
+	defer cancel()
+	puller, err := remote.NewPuller(v.remoteOptions(ctx)...)
+	if err != nil {
+		return "", fmt.Errorf("registry client: %w", err)
+	}
+	t := r.Tag(tag)
+	desc, err := puller.Head(ctx, t)
+	if err != nil && !isNotFound(err) {
+		// Some registries refuse HEAD; fall back to GET.
+		var gd *remote.Descriptor
+		if gd, err = puller.Get(ctx, t); err == nil {
+			desc = &gd.Descriptor
+		}
+	}
+	if err != nil {
+		return "", classifyFetch("resolve "+t.String(), err)
+	}
+	if err := policy.ValidateDigest(desc.Digest.String()); err != nil {
+		return "", &RegistryError{Err: fmt.Errorf("resolve %s: %w", t, err)}
+	}
+	return desc.Digest.String(), nil
+}
