@@ -15,10 +15,9 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"regexp"
 	"strings"
 
-	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/pinwarden/pinwarden/agent/policy"
 )
 
 // MaxFileSize bounds the size of one pin file.
@@ -54,91 +53,22 @@ func (p Pin) String() string {
 	return p.TagRef() + "@" + p.Digest
 }
 
-var (
-	digestRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
-	// A path component of a repository (distribution/reference grammar).
-	componentRE = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$`)
-	tagRE       = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
-)
-
 // ParseReference parses one reference that must name a digest:
-// repo[:tag]@sha256:<64 lowercase hex>.
+// repo[:tag]@sha256:<64 lowercase hex>. Normalization is policy.ParseReference,
+// so a pin and an image on the node can never be normalized differently; the
+// only rule added here is that a pin names a sha256 digest.
 func ParseReference(ref string) (Pin, error) {
-	if ref == "" {
-		return Pin{}, errors.New("empty reference")
+	r, err := policy.ParseReference(ref)
+	if err != nil {
+		return Pin{}, err
 	}
-	if strings.ContainsFunc(ref, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
-		return Pin{}, fmt.Errorf("reference %q contains whitespace or control characters", ref)
-	}
-	base, dig, ok := strings.Cut(ref, "@")
-	if !ok {
+	if r.Digest == "" {
 		return Pin{}, fmt.Errorf("reference %q names no digest: a pin must be repo[:tag]@sha256:<64 hex>", ref)
 	}
-	if strings.Contains(dig, "@") {
-		return Pin{}, fmt.Errorf("reference %q has more than one '@'", ref)
+	if !strings.HasPrefix(r.Digest, "sha256:") {
+		return Pin{}, fmt.Errorf("reference %q: unsupported digest algorithm: a pin must use sha256", ref)
 	}
-	if err := checkDigest(dig); err != nil {
-		return Pin{}, fmt.Errorf("reference %q: %w", ref, err)
-	}
-
-	// An explicit tag is a ':' after the last '/' (a ':' before it is a port).
-	tag := ""
-	repoPart := base
-	if i := strings.LastIndexByte(base, ':'); i > strings.LastIndexByte(base, '/') {
-		repoPart, tag = base[:i], base[i+1:]
-		if !tagRE.MatchString(tag) {
-			return Pin{}, fmt.Errorf("reference %q: invalid tag %q", ref, tag)
-		}
-	}
-	repo, err := normalizeRepo(repoPart)
-	if err != nil {
-		return Pin{}, fmt.Errorf("reference %q: %w", ref, err)
-	}
-	return Pin{Repo: repo, Tag: tag, Digest: dig}, nil
-}
-
-func checkDigest(dig string) error {
-	if digestRE.MatchString(dig) {
-		return nil
-	}
-	alg, hex, ok := strings.Cut(dig, ":")
-	switch {
-	case !ok || hex == "":
-		return fmt.Errorf("invalid digest %q: want sha256:<64 lowercase hex>", dig)
-	case alg != "sha256":
-		return fmt.Errorf("unsupported digest algorithm %q: want sha256", alg)
-	case len(hex) != 64:
-		return fmt.Errorf("invalid digest: %d hex characters, want 64", len(hex))
-	case strings.ToLower(hex) == hex:
-		return fmt.Errorf("invalid digest %q: not hexadecimal", dig)
-	default:
-		return fmt.Errorf("invalid digest %q: hex must be lowercase", dig)
-	}
-}
-
-// normalizeRepo validates a repository name and returns it normalized the
-// Docker way, with docker.io (not index.docker.io) as Docker Hub's name.
-func normalizeRepo(s string) (string, error) {
-	if s == "" {
-		return "", errors.New("empty repository")
-	}
-	if strings.ToLower(s) != s {
-		return "", fmt.Errorf("repository %q must be lowercase", s)
-	}
-	r, err := name.NewRepository(s, name.WeakValidation)
-	if err != nil {
-		return "", fmt.Errorf("invalid repository %q: %w", s, err)
-	}
-	for _, c := range strings.Split(r.RepositoryStr(), "/") {
-		if !componentRE.MatchString(c) {
-			return "", fmt.Errorf("invalid repository %q: bad path component %q", s, c)
-		}
-	}
-	reg := r.RegistryStr()
-	if reg == name.DefaultRegistry {
-		reg = "docker.io"
-	}
-	return reg + "/" + r.RepositoryStr(), nil
+	return Pin{Repo: r.Repo, Tag: r.Tag, Digest: r.Digest}, nil
 }
 
 // Parse reads one pin file. source names it in errors and in Pin.Source. If
