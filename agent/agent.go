@@ -18,6 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
 
 	"github.com/pinwarden/pinwarden/agent/cache"
 	"github.com/pinwarden/pinwarden/agent/config"
@@ -28,6 +29,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/pins"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/reload"
+	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/cri"
@@ -114,12 +116,20 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 	defer rt.Close()
 
+	rep, err := newReporter(cfg, logger.With("component", "report"))
+	if err != nil {
+		return ConfigError{err}
+	}
 	inv := inventory.New(rt, logger.With("component", "inventory"),
 		inventory.WithResyncInterval(cfg.ResyncInterval.Duration), inventory.WithObserver(m))
-	lp := loop.New(inv, j, m, logger.With("component", "loop"), loop.Options{OnDropped: m.QueueDropped})
+	lopts := loop.Options{OnDropped: m.QueueDropped}
+	if rep != nil {
+		lopts.Reporter = rep
+	}
+	lp := loop.New(inv, j, m, logger.With("component", "loop"), lopts)
 	lp.SetPins(s.Pins)
 
-	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m}
+	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep}
 	watcher, err := reload.New(a.watchedFiles(), 300*time.Millisecond, logger.With("component", "reload"), a.reload)
 	if err != nil {
 		return fmt.Errorf("watch config: %w", err)
@@ -131,6 +141,9 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	g.Go(func() error { return lp.Run(ctx) })
 	g.Go(func() error { return watcher.Run(ctx) })
 	g.Go(func() error { return forward(ctx, inv, lp) })
+	if rep != nil {
+		g.Go(func() error { return rep.Run(ctx) })
+	}
 	serve(ctx, g, logger, cfg.MetricsAddress, probes(m, inv))
 	serve(ctx, g, logger, cfg.StatusAddress, status.Handler(lp))
 	logger.Info("agent started", "version", version, "runtime", cfg.RuntimeEndpoint, "policies", len(cfg.Policies),
@@ -173,6 +186,7 @@ type agent struct {
 	loop    *loop.Loop
 	metrics *metrics.Metrics
 	watcher *reload.Watcher
+	report  *report.Reporter // nil when Kubernetes reporting is off
 
 	mu  sync.Mutex // guards cur
 	cur *Settings
@@ -191,6 +205,10 @@ func (a *agent) reload() {
 	if err != nil {
 		a.metrics.ConfigReload(false)
 		a.log.Error("config reload refused; the last good config and pins stay in force", "err", err)
+		if a.report != nil {
+			a.report.Event(corev1.EventTypeWarning, report.ReasonConfigInvalid,
+				"config reload refused, the last good config stays in force: "+err.Error())
+		}
 		return
 	}
 	a.mu.Lock()

@@ -16,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -61,6 +62,7 @@ const (
 	apiTimeout              = 30 * time.Second
 	maxQueuedEvents         = 1000
 	maxEventsPerSync        = 200
+	maxMessageLen           = 1024 // events.k8s.io/v1 caps a note at 1 kB
 	maxTaintConflictRetries = 5
 	conditionMessageTrusted = "no running container uses an unverified, untrusted or drifted image"
 )
@@ -160,6 +162,9 @@ func (r *Reporter) Report(images []status.Image) {
 func (r *Reporter) Event(eventtype, reason, message string) {
 	if !r.opts.events {
 		return
+	}
+	if len(message) > maxMessageLen {
+		message = strings.ToValidUTF8(message[:maxMessageLen-3], "") + "..."
 	}
 	r.mu.Lock()
 	if len(r.queued) >= maxQueuedEvents {

@@ -84,7 +84,8 @@ fi
 say "containerd $ctrversion on $sock"
 "$ctrbin" --config "$work/containerd/config.toml" > "$work/containerd/log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -S "$sock" ] && curl -sf "http://$reg/v2/" >/dev/null && break; sleep 0.1; done
-crictl="crictl --runtime-endpoint unix://$sock --image-endpoint unix://$sock"
+printf 'runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 30\n' "$sock" "$sock" > "$work/crictl.yaml"
+crictl="crictl --config $work/crictl.yaml"
 
 say "sample images, signed with cosign"
 cd "$work"

@@ -1,0 +1,64 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/pinwarden/pinwarden/agent/config"
+	"github.com/pinwarden/pinwarden/agent/report"
+)
+
+// NodeName resolves the node the agent reports on: the config's nodeName,
+// then $NODE_NAME (the DaemonSet sets it from spec.nodeName), then the
+// hostname.
+func NodeName(cfg *config.Config, getenv func(string) string) (string, error) {
+	if cfg.NodeName != "" {
+		return cfg.NodeName, nil
+	}
+	if n := getenv("NODE_NAME"); n != "" {
+		return n, nil
+	}
+	h, err := os.Hostname()
+	if err != nil || h == "" {
+		return "", fmt.Errorf("no node name: set nodeName or $NODE_NAME (hostname: %w)", err)
+	}
+	return h, nil
+}
+
+// newReporter builds the Kubernetes reporter, or returns nil when reporting
+// is disabled. The client comes from kubernetes.kubeconfig, else the
+// in-cluster service account.
+func newReporter(cfg *config.Config, logger *slog.Logger) (*report.Reporter, error) {
+	k := cfg.Kubernetes
+	if !k.Enabled {
+		return nil, nil
+	}
+	node, err := NodeName(cfg, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	var rc *rest.Config
+	if k.Kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+		if errors.Is(err, rest.ErrNotInCluster) {
+			err = fmt.Errorf("%w: set kubernetes.kubeconfig, or kubernetes.enabled: false to run without reporting", err)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	rc.UserAgent = "pinwarden"
+	cs, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	return report.New(cs, node, logger, report.FromConfig(k)...), nil
+}

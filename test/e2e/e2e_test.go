@@ -1,0 +1,261 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/test/harness"
+)
+
+// Images present before the agent starts get their verdicts; an image pulled
+// while it runs is judged within a second; SIGTERM stops it cleanly.
+func TestVerdictsOnRealContainerd(t *testing.T) {
+	for _, f := range harness.Flavours() {
+		t.Run(f.Name, func(t *testing.T) {
+			e := newEnv(t, harness.WithFlavour(f))
+			other := harness.NewSigner(t)
+			api, apiD := e.push("shop/api:v1", e.signer)
+			worker, workerD := e.push("shop/worker:v1", nil)
+			billing, billingD := e.push("shop/billing:v1", other)
+			tool, toolD := e.push("thirdparty/tool:v1", e.signer)
+			for _, r := range []string{api, worker, billing, tool} {
+				e.pull(r)
+			}
+			c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer) + denyPolicy("third-party", e.reg.Host+"/thirdparty/**"))
+			e.writeConfig(c, "")
+			a := e.startAgent(c)
+
+			want := map[string][2]string{
+				apiD:     {"verified", ""},
+				workerD:  {"unverified", "no-signature"},
+				billingD: {"unverified", "invalid-signature"},
+				toolD:    {"untrusted", "denied"},
+			}
+			for d, w := range want {
+				im := a.waitVerdict(d, 15*time.Second)
+				if string(im.Verdict) != w[0] || im.Reason != w[1] {
+					t.Errorf("%s: verdict %s/%q, want %s/%q", im.Image, im.Verdict, im.Reason, w[0], w[1])
+				}
+			}
+			if im := a.images()[apiD]; im.Policy != "shop" || len(im.Signers) != 1 || im.VerifiedAt == nil || im.Source != "registry" {
+				t.Errorf("verified image lacks its evidence: %+v", im)
+			}
+
+			m := a.metrics()
+			for series, v := range map[string]float64{
+				`pinwarden_images{verdict="verified"}`:   1,
+				`pinwarden_images{verdict="unverified"}`: 2,
+				`pinwarden_images{verdict="untrusted"}`:  1,
+				`pinwarden_runtime_up`:                   1,
+				`pinwarden_drifted_images`:               0,
+			} {
+				if m[series] != v {
+					t.Errorf("%s = %v, want %v", series, m[series], v)
+				}
+			}
+			if n := sum(m, "pinwarden_image_problems"); n != 3 {
+				t.Errorf("pinwarden_image_problems has %v series, want 3 (worker, billing, tool)", n)
+			}
+			if n := sum(m, "pinwarden_image_problems", `digest="`+toolD+`"`, `problem="untrusted"`, `reason="denied"`, `running="false"`); n != 1 {
+				t.Errorf("no untrusted/denied problem series for the third-party tool")
+			}
+
+			// A pull after start: the event, not the relist, brings the verdict.
+			late, lateD := e.push("shop/late:v1", e.signer)
+			start := time.Now()
+			e.pull(late)
+			im := a.waitVerdict(lateD, 5*time.Second)
+			took := time.Since(start)
+			if im.Verdict != "verified" {
+				t.Errorf("late pull: verdict %s/%s, want verified", im.Verdict, im.Reason)
+			}
+			t.Logf("pull returned -> verdict on /v1/images in %v (cold, loopback registry)", took)
+			if took > 2*time.Second {
+				t.Errorf("pull judged after %v, want well under the resync interval", took)
+			}
+			a.stop()
+		})
+	}
+}
+
+// A pinned tag re-pushed to another digest and pulled is flagged drifted,
+// on /v1/images and /metrics, even though the new digest is signed.
+func TestDriftOfPinnedTag(t *testing.T) {
+	e := newEnv(t)
+	web, webD := e.push("shop/web:v1", e.signer)
+	e.pull(web)
+	pinFile := filepath.Join(e.dir, "pins.txt")
+	e.writeFile(pinFile, fmt.Sprintf("%s@%s  # release 1\n", web, webD))
+	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
+	c.pins = []string{pinFile}
+	e.writeConfig(c, "")
+	a := e.startAgent(c)
+	if im := a.waitVerdict(webD, 15*time.Second); im.Drifted || im.Verdict != "verified" {
+		t.Fatalf("pinned image before the re-push: %+v", im)
+	}
+
+	_, newD := e.push("shop/web:v1", e.signer) // the same tag, another digest
+	e.pull(web)
+	var im status.Image
+	eventually(t, 5*time.Second, "drift flagged", func() (bool, string) {
+		im = a.images()[newD]
+		return im.Drifted && im.Verdict != "pending", fmt.Sprintf("%+v", im)
+	})
+	if im.PinnedDigest != webD || im.Verdict != "verified" {
+		t.Errorf("drifted image: pinnedDigest %s verdict %s; want %s and verified (drift is beside the verdict)", im.PinnedDigest, im.Verdict, webD)
+	}
+	m := a.metrics()
+	if m["pinwarden_drifted_images"] != 1 {
+		t.Errorf("pinwarden_drifted_images = %v, want 1", m["pinwarden_drifted_images"])
+	}
+	if sum(m, "pinwarden_image_problems", `digest="`+newD+`"`, `problem="drifted"`, `reason="pin-mismatch"`) != 1 {
+		t.Errorf("no drifted problem series for %s", newD)
+	}
+	if sum(m, "pinwarden_tag_digest", `digest="`+newD+`"`, `image="`+web+`"`) != 1 {
+		t.Errorf("pinwarden_tag_digest does not show %s -> %s", web, newD)
+	}
+}
+
+// A broken config or pin file is refused whole: the failure is counted, the
+// agent keeps serving the verdicts of the last good config.
+func TestBrokenConfigRefused(t *testing.T) {
+	e := newEnv(t)
+	api, apiD := e.push("shop/api:v1", e.signer)
+	e.pull(api)
+	pinFile := filepath.Join(e.dir, "pins.txt")
+	e.writeFile(pinFile, "")
+	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
+	c.pins = []string{pinFile}
+	e.writeConfig(c, "")
+	a := e.startAgent(c)
+	a.waitVerdict(apiD, 15*time.Second)
+
+	good, err := os.ReadFile(e.configPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken := []struct {
+		name, path, text, logSays string
+	}{
+		{"unknown key", e.configPath(), string(good) + "resyncIntervall: 5m\n", "resyncIntervall"},
+		{"not YAML", e.configPath(), "policies: [\n", "config"},
+		{"missing key file", e.configPath(), strings.Replace(string(good), e.signer.PubPath, "/nonexistent/cosign.pub", 1), "/nonexistent/cosign.pub"},
+		{"pin without digest", pinFile, "# ok\n" + api + "\n", "pins.txt:2"},
+	}
+	for i, b := range broken {
+		e.writeFile(b.path, b.text)
+		eventually(t, 5*time.Second, b.name+" refused", func() (bool, string) {
+			n := a.metrics()[`pinwarden_config_reloads_total{result="failure"}`]
+			return n == float64(i+1), fmt.Sprintf("failures=%v", n)
+		})
+		if !strings.Contains(a.log(), b.logSays) {
+			t.Errorf("%s: the log does not name %q", b.name, b.logSays)
+		}
+		if im := a.images()[apiD]; im.Verdict != "verified" {
+			t.Errorf("%s: the last good verdict was lost: %+v", b.name, im)
+		}
+		// Restore, so that each case is the only fault.
+		if b.path == pinFile {
+			e.writeFile(pinFile, "")
+		} else {
+			e.writeFile(e.configPath(), string(good))
+		}
+		eventually(t, 5*time.Second, "good config reloaded", func() (bool, string) {
+			n := a.metrics()[`pinwarden_config_reloads_total{result="success"}`]
+			return n >= float64(i+2), fmt.Sprintf("successes=%v", n) // +1 for the start
+		})
+	}
+	// The agent is still alive and ready.
+	if m := a.metrics(); m["pinwarden_runtime_up"] != 1 {
+		t.Errorf("runtime_up = %v after the reloads", m["pinwarden_runtime_up"])
+	}
+}
+
+// A policy change re-judges exactly the digests judged under the old
+// policy: the other policy's verdicts stay, without a new verification.
+func TestPolicyChangeRejudges(t *testing.T) {
+	e := newEnv(t)
+	opsSigner, newSigner := harness.NewSigner(t), harness.NewSigner(t)
+	api, apiD := e.push("shop/api:v1", e.signer)
+	tool, toolD := e.push("ops/tool:v1", opsSigner)
+	e.pull(api)
+	e.pull(tool)
+	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer) + keyPolicy("ops", e.reg.Host+"/ops/**", opsSigner))
+	e.writeConfig(c, "")
+	a := e.startAgent(c)
+	a.waitVerdict(apiD, 15*time.Second)
+	before := a.waitVerdict(toolD, 15*time.Second)
+	if before.Verdict != "verified" {
+		t.Fatalf("ops/tool: %+v", before)
+	}
+	regBefore := sum(a.metrics(), "pinwarden_verifications_total", `source="registry"`)
+
+	// shop now trusts only a key that never signed shop/api.
+	c.policies = keyPolicy("shop", e.reg.Host+"/shop/**", newSigner) + keyPolicy("ops", e.reg.Host+"/ops/**", opsSigner)
+	e.writeConfig(c, "")
+	var im status.Image
+	eventually(t, 5*time.Second, "shop/api re-judged", func() (bool, string) {
+		im = a.images()[apiD]
+		return im.Verdict == "unverified", fmt.Sprintf("%+v", im)
+	})
+	if im.Reason != "invalid-signature" {
+		t.Errorf("shop/api after the key change: reason %q, want invalid-signature", im.Reason)
+	}
+	after := a.images()[toolD]
+	if after.Verdict != "verified" || after.VerifiedAt == nil || !after.VerifiedAt.Equal(*before.VerifiedAt) {
+		t.Errorf("ops/tool was re-judged although its policy did not change: before %v, after %+v", before.VerifiedAt, after)
+	}
+	if n := sum(a.metrics(), "pinwarden_verifications_total", `source="registry"`) - regBefore; n != 1 {
+		t.Errorf("%v registry verifications after the policy change, want exactly 1 (shop/api)", n)
+	}
+}
+
+// A restart with the registry gone keeps the cached verdicts and judges
+// nothing new as verified: an image pulled while the agent was down stays
+// pending.
+func TestRestartWithRegistryDown(t *testing.T) {
+	e := newEnv(t)
+	api, apiD := e.push("shop/api:v1", e.signer)
+	e.pull(api)
+	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
+	e.writeConfig(c, "")
+	a := e.startAgent(c)
+	if im := a.waitVerdict(apiD, 15*time.Second); im.Verdict != "verified" {
+		t.Fatalf("before the restart: %+v", im)
+	}
+	a.stop()
+
+	fresh, freshD := e.push("shop/fresh:v1", e.signer) // signed, but nobody can check that now
+	e.pull(fresh)
+	e.reg.down.Store(true)
+
+	b := e.startAgent(c)
+	im := b.waitVerdict(apiD, 15*time.Second)
+	if im.Verdict != "verified" || im.Source != "cache" {
+		t.Errorf("cached verdict after the restart: %s from %q, want verified from cache", im.Verdict, im.Source)
+	}
+	im = b.waitVerdict(freshD, 30*time.Second)
+	if im.Verdict != "pending" || (im.Reason != "registry-unreachable" && im.Reason != "registry-error") {
+		t.Errorf("image pulled while the registry is down: %s/%s, want pending/registry-unreachable", im.Verdict, im.Reason)
+	}
+	m := b.metrics()
+	if n := sum(m, "pinwarden_verifications_total", `result="verified"`, `source="registry"`); n != 0 {
+		t.Errorf("%v verified verdicts came from a registry that is down", n)
+	}
+	if sum(m, "pinwarden_image_problems", `digest="`+freshD+`"`, `problem="pending"`) != 1 {
+		t.Errorf("the pending image is not a problem series")
+	}
+
+	// The registry comes back: the retry judges it without a restart.
+	e.reg.down.Store(false)
+	eventually(t, 30*time.Second, "retry after the registry returns", func() (bool, string) {
+		im = b.images()[freshD]
+		return im.Verdict == "verified", fmt.Sprintf("%+v", im)
+	})
+	b.stop()
+}

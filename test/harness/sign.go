@@ -1,0 +1,87 @@
+package harness
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/sigstore/cosign/v2/pkg/oci/mutate"
+	ociremote "github.com/sigstore/cosign/v2/pkg/oci/remote"
+	"github.com/sigstore/cosign/v2/pkg/oci/static"
+	"github.com/sigstore/sigstore/pkg/cryptoutils"
+	"github.com/sigstore/sigstore/pkg/signature"
+	"github.com/sigstore/sigstore/pkg/signature/payload"
+)
+
+// Signer is an ECDSA P-256 cosign key pair; its public key is a PEM file
+// that a pinwarden policy can name under keys:.
+type Signer struct {
+	sv      signature.SignerVerifier
+	PubPath string
+}
+
+// NewSigner generates a key pair and writes the public key to a PEM file
+// under t.TempDir().
+func NewSigner(t testing.TB) *Signer {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatalf("generate key: %v", err)
+	}
+	sv, err := signature.LoadSignerVerifier(priv, crypto.SHA256)
+	if err != nil {
+		t.Fatalf("signer: %v", err)
+	}
+	pem, err := cryptoutils.MarshalPublicKeyToPEM(priv.Public())
+	if err != nil {
+		t.Fatalf("public key: %v", err)
+	}
+	p := filepath.Join(t.TempDir(), "cosign.pub")
+	if err := os.WriteFile(p, pem, 0o600); err != nil {
+		t.Fatalf("write public key: %v", err)
+	}
+	return &Signer{sv: sv, PubPath: p}
+}
+
+// Sign signs repo@digest with the cosign library the way `cosign sign --key`
+// does (a simple-signing payload in a legacy .sig manifest) and pushes the
+// signature to the image's repository (plain HTTP allowed).
+func (s *Signer) Sign(t testing.TB, repo, digest string) {
+	t.Helper()
+	d, err := name.NewDigest(repo+"@"+digest, name.Insecure)
+	if err != nil {
+		t.Fatalf("parse %s@%s: %v", repo, digest, err)
+	}
+	pl, err := json.Marshal(payload.Cosign{Image: d})
+	if err != nil {
+		t.Fatalf("payload: %v", err)
+	}
+	raw, err := s.sv.SignMessage(bytes.NewReader(pl))
+	if err != nil {
+		t.Fatalf("sign: %v", err)
+	}
+	sig, err := static.NewSignature(pl, base64.StdEncoding.EncodeToString(raw))
+	if err != nil {
+		t.Fatalf("signature layer: %v", err)
+	}
+	ropts := ociremote.WithRemoteOptions(remote.WithContext(t.Context()))
+	se, err := ociremote.SignedEntity(d, ropts)
+	if err != nil {
+		t.Fatalf("signed entity %s: %v", d, err)
+	}
+	if se, err = mutate.AttachSignatureToEntity(se, sig); err != nil {
+		t.Fatalf("attach signature: %v", err)
+	}
+	if err := ociremote.WriteSignatures(d.Repository, se, ropts); err != nil {
+		t.Fatalf("push signature for %s: %v", d, err)
+	}
+}
