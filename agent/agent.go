@@ -223,7 +223,10 @@ func (a *agent) reload() {
 	a.judge.SetPolicies(s.Policies)
 	dropped := a.cache.InvalidateExcept(fps)
 	a.loop.SetPins(s.Pins)
-	a.loop.Rejudge(fps)
+	// Re-judge every digest, not only those judged under a vanished
+	// fingerprint: a new policy can take over a repository whose old policy
+	// still exists. Unchanged policies answer from the cache.
+	a.loop.Rejudge(nil)
 	if err := a.watcher.Set(a.watchedFiles()); err != nil {
 		a.log.Warn("watching the new pin files", "err", err)
 	}

@@ -269,7 +269,7 @@ func Severity(v verdict.Verdict) int {
 	return 2
 }
 
-// Backoff is base*2^attempt capped at max, with ±20% jitter.
+// Backoff is base*2^attempt capped at max, with ±10% jitter.
 func Backoff(base, max time.Duration, attempt int) time.Duration {
 	d := base
 	for i := 0; i < attempt && d < max; i++ {

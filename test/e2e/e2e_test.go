@@ -213,6 +213,15 @@ func TestPolicyChangeRejudges(t *testing.T) {
 	if n := sum(a.metrics(), "pinwarden_verifications_total", `source="registry"`) - regBefore; n != 1 {
 		t.Errorf("%v registry verifications after the policy change, want exactly 1 (shop/api)", n)
 	}
+
+	// A new policy placed first takes ops/** over although the ops policy
+	// (and its fingerprint) still exists.
+	c.policies = denyPolicy("ops-frozen", e.reg.Host+"/ops/**") + c.policies
+	e.writeConfig(c, "")
+	eventually(t, 5*time.Second, "ops/tool taken over by the deny policy", func() (bool, string) {
+		im = a.images()[toolD]
+		return im.Verdict == "untrusted" && im.Reason == "denied" && im.Policy == "ops-frozen", fmt.Sprintf("%+v", im)
+	})
 }
 
 // A restart with the registry gone keeps the cached verdicts and judges
