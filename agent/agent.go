@@ -250,6 +250,8 @@ func restartOnly(old, cur *config.Config) []string {
 	check("maxProblemSeries", old.MaxProblemSeries, cur.MaxProblemSeries)
 	check("cache", old.Cache, cur.Cache)
 	check("registries.dockerConfig", old.Registries.DockerConfig, cur.Registries.DockerConfig)
+	check("registries.requestsPerSecond", old.Registries.RequestsPerSecond, cur.Registries.RequestsPerSecond)
+	check("registries.burst", old.Registries.Burst, cur.Registries.Burst)
 	if !slices.Equal(old.Registries.Insecure, cur.Registries.Insecure) {
 		keys = append(keys, "registries.insecure")
 	}

@@ -52,6 +52,9 @@ type Cache struct {
 type Registries struct {
 	Insecure     []string `json:"insecure"`     // host:port reached over plain HTTP
 	DockerConfig string   `json:"dockerConfig"` // docker config.json with credentials
+	// RequestsPerSecond and Burst rate-limit registry requests per host.
+	RequestsPerSecond float64 `json:"requestsPerSecond"`
+	Burst             int     `json:"burst"`
 }
 
 // Policy is one entry of policies; the first policy whose images match wins.
@@ -124,7 +127,7 @@ func Default() *Config {
 		ResyncInterval:      Duration{5 * time.Minute},
 		MaxProblemSeries:    500,
 		Cache:               Cache{VerifiedTTL: Duration{24 * time.Hour}, FailedTTL: Duration{10 * time.Minute}},
-		Registries:          Registries{Insecure: []string{}},
+		Registries:          Registries{Insecure: []string{}, RequestsPerSecond: 50, Burst: 100},
 		Policies:            []Policy{},
 		Pins:                []string{},
 		Prefetch:            Prefetch{Enabled: true, Concurrency: 4, PinGC: true},
@@ -216,6 +219,12 @@ func (c *Config) Validate() error {
 		if h == "" || strings.ContainsAny(h, "/ ") {
 			bad(fmt.Sprintf("registries.insecure[%d]", i), "must be host or host:port, got %q", h)
 		}
+	}
+	if c.Registries.RequestsPerSecond <= 0 || c.Registries.RequestsPerSecond > 10000 {
+		bad("registries.requestsPerSecond", "must be above 0 and at most 10000, got %v", c.Registries.RequestsPerSecond)
+	}
+	if c.Registries.Burst < 1 || c.Registries.Burst > 10000 {
+		bad("registries.burst", "must be between 1 and 10000, got %d", c.Registries.Burst)
 	}
 	if c.Registries.DockerConfig != "" {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {

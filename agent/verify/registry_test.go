@@ -407,3 +407,59 @@ func TestEndlessRegistryMemory(t *testing.T) {
 		t.Fatalf("allocated %d bytes", alloc)
 	}
 }
+
+// Requests to one registry host are rate-limited (token bucket per host);
+// another host has its own budget.
+func TestRegistryRateLimitPerHost(t *testing.T) {
+	t.Parallel()
+	regA, regB := newTestRegistry(t, true), newTestRegistry(t, true)
+	dA, pA := signedImage(t, regA, "limited")
+	dB, pB := signedImage(t, regB, "limited")
+	ct := &countingTransport{next: http.DefaultTransport}
+	v := newTestVerifier(t, regA, func(o *Options) {
+		o.Registries.Insecure = append(o.Registries.Insecure, regB.host)
+		o.Transport = ct
+		o.RegistryQPS, o.RegistryBurst = 20, 1 // one request every 50 ms per host
+	})
+	// Warm-up: the first verification of each host spends its burst.
+	for _, c := range []struct {
+		d name.Digest
+		p *policy.Policy
+	}{{dA, pA}, {dB, pB}} {
+		if res := v.Verify(t.Context(), c.p, c.d.Context().Name(), c.d.DigestStr()); res.Verdict != verdict.Verified {
+			t.Fatalf("got %s/%s (%s)", res.Verdict, res.Reason, res.Detail)
+		}
+	}
+	const rounds = 5
+	start := time.Now()
+	ct.n.Store(0)
+	var wg sync.WaitGroup
+	for range rounds {
+		for _, c := range []struct {
+			d name.Digest
+			p *policy.Policy
+		}{{dA, pA}, {dB, pB}} {
+			wg.Go(func() {
+				if res := v.Verify(t.Context(), c.p, c.d.Context().Name(), c.d.DigestStr()); res.Verdict != verdict.Verified {
+					t.Errorf("got %s/%s (%s)", res.Verdict, res.Reason, res.Detail)
+				}
+			})
+		}
+	}
+	wg.Wait()
+	took := time.Since(start)
+	perHost := ct.n.Load() / 2
+	// perHost requests at 20/s on each host, in parallel: at least
+	// (perHost-1)*50ms, and clearly under the 2*perHost-1 steps that one
+	// shared budget would need.
+	step := 50 * time.Millisecond
+	floor := time.Duration(perHost-1) * step
+	shared := time.Duration(2*perHost-1) * step
+	if took < floor {
+		t.Fatalf("%d requests per host in %v: faster than 20/s, the limit is not applied", perHost, took)
+	}
+	if took > shared*9/10 {
+		t.Fatalf("%d requests per host took %v: hosts seem to share one budget (shared floor %v)", perHost, took, shared)
+	}
+	t.Logf("%d requests per host at 20/s in %v (floor %v, a shared budget would need %v)", perHost, took, floor, shared)
+}

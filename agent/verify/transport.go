@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
+	"golang.org/x/time/rate"
 )
 
 // dockerKeychain resolves credentials from ONE docker config.json file,
@@ -127,7 +128,8 @@ func (k *dockerKeychain) allowsBasic(host, h string) bool {
 // not belong to (e.g. a token realm on another host), applies a per-request
 // timeout that also covers reading the body, caps every response body, and
 // retries 429/5xx and network errors with capped exponential backoff and
-// full jitter.
+// full jitter. Every attempt first waits for the host's rate limiter, so a
+// relist of thousands of new digests cannot hammer one registry.
 type guardTransport struct {
 	next     http.RoundTripper
 	keychain *dockerKeychain
@@ -136,7 +138,30 @@ type guardTransport struct {
 	maxBody  int64
 	retries  int
 	backoff  time.Duration
+	limits   *hostLimits
 	log      *slog.Logger
+}
+
+// hostLimits holds one token bucket per registry host.
+type hostLimits struct {
+	qps   rate.Limit
+	burst int
+	m     sync.Map // host -> *rate.Limiter
+}
+
+// wait blocks until host may get another request, or ctx is done.
+func (h *hostLimits) wait(ctx context.Context, host string) error {
+	if h == nil || h.qps <= 0 {
+		return nil
+	}
+	l, ok := h.m.Load(host)
+	if !ok {
+		l, _ = h.m.LoadOrStore(host, rate.NewLimiter(h.qps, h.burst))
+	}
+	if err := l.(*rate.Limiter).Wait(ctx); err != nil {
+		return fmt.Errorf("waiting for the request budget of %s: %w", host, err)
+	}
+	return nil
 }
 
 const maxBackoff = 5 * time.Second
@@ -212,6 +237,9 @@ func retryAfter(v string) time.Duration {
 
 // once performs one attempt under the per-request timeout.
 func (g *guardTransport) once(req *http.Request) (*http.Response, error) {
+	if err := g.limits.wait(req.Context(), strings.ToLower(req.URL.Host)); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(req.Context(), g.timeout)
 	resp, err := g.next.RoundTrip(req.WithContext(ctx))
 	if err != nil {

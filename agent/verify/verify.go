@@ -20,6 +20,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"golang.org/x/time/rate"
 )
 
 // Options configure a Verifier. Zero values take the defaults noted.
@@ -44,6 +45,11 @@ type Options struct {
 	// MaxResponseSize caps any registry response body, manifests and
 	// referrer indexes included (default 8 MiB).
 	MaxResponseSize int64
+	// RegistryQPS and RegistryBurst rate-limit requests per registry host
+	// (defaults: Registries.RequestsPerSecond and Registries.Burst, else 50/s
+	// and 100; a negative RegistryQPS disables the limit).
+	RegistryQPS   float64
+	RegistryBurst int
 	// Transport replaces http.DefaultTransport underneath pinwarden's own
 	// limits and credential guard (tests, proxies).
 	Transport http.RoundTripper
@@ -82,6 +88,18 @@ func (o *Options) defaults() {
 	if o.MaxResponseSize < o.MaxBlobSize {
 		o.MaxResponseSize = o.MaxBlobSize
 	}
+	if o.RegistryQPS == 0 {
+		o.RegistryQPS = o.Registries.RequestsPerSecond
+	}
+	if o.RegistryQPS == 0 {
+		o.RegistryQPS = 50
+	}
+	if o.RegistryBurst <= 0 {
+		o.RegistryBurst = o.Registries.Burst
+	}
+	if o.RegistryBurst <= 0 {
+		o.RegistryBurst = 100
+	}
 	if o.Transport == nil {
 		o.Transport = http.DefaultTransport
 	}
@@ -116,6 +134,7 @@ func New(opts Options) (*Verifier, error) {
 	v.rt = &guardTransport{
 		next: opts.Transport, keychain: kc, insecure: insecure, timeout: opts.RequestTimeout,
 		maxBody: opts.MaxResponseSize, retries: opts.Retries, backoff: opts.RetryBackoff, log: opts.Logger,
+		limits: &hostLimits{qps: rate.Limit(opts.RegistryQPS), burst: opts.RegistryBurst},
 	}
 	return v, nil
 }
