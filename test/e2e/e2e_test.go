@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -267,4 +269,58 @@ func TestRestartWithRegistryDown(t *testing.T) {
 		return im.Verdict == "verified", fmt.Sprintf("%+v", im)
 	})
 	b.stop()
+}
+
+// Killing containerd flips pinwarden_runtime_up to 0 and back to 1 after it
+// restarts; an image pulled around the reconnect is judged.
+func TestContainerdRestart(t *testing.T) {
+	e := newEnv(t)
+	api, apiD := e.push("shop/api:v1", e.signer)
+	e.pull(api)
+	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
+	e.writeConfig(c, "")
+	a := e.startAgent(c)
+	a.waitVerdict(apiD, 15*time.Second)
+
+	e.ctr.Kill()
+	eventually(t, 10*time.Second, "runtime_up 0", func() (bool, string) {
+		v := a.metrics()["pinwarden_runtime_up"]
+		return v == 0, fmt.Sprint(v)
+	})
+	resp, err := httpGet("http://" + c.status + status.Path)
+	if err != nil || resp != 200 {
+		t.Errorf("status API while the runtime is down: %d, %v", resp, err)
+	}
+
+	// containerd comes back and an image is pulled at once, usually before
+	// the agent's backoff lets it reconnect (then only the relist after the
+	// reconnect can find it; agent/inventory TestIntegrationRestart pins that
+	// case down deterministically).
+	e.ctr.Start()
+	missed, missedD := e.push("shop/missed:v1", nil)
+	e.pull(missed)
+	start := time.Now()
+	eventually(t, 30*time.Second, "runtime_up 1", func() (bool, string) {
+		v := a.metrics()["pinwarden_runtime_up"]
+		return v == 1, fmt.Sprint(v)
+	})
+	im := a.waitVerdict(missedD, 15*time.Second)
+	if im.Verdict != "unverified" || im.Reason != "no-signature" {
+		t.Errorf("image pulled during the outage: %s/%s, want unverified/no-signature", im.Verdict, im.Reason)
+	}
+	t.Logf("containerd restarted -> runtime_up 1 and the missed image judged in %v", time.Since(start).Round(time.Millisecond))
+	if m := a.metrics(); m["pinwarden_resyncs_total"] < 2 {
+		t.Errorf("pinwarden_resyncs_total = %v, want a relist after the reconnect", m["pinwarden_resyncs_total"])
+	}
+	a.stop()
+}
+
+func httpGet(url string) (int, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, nil
 }
