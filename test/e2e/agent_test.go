@@ -4,27 +4,22 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
 
-	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
@@ -38,21 +33,15 @@ func TestMain(m *testing.M) {
 }
 
 func runTests(m *testing.M) int {
-	binPath = os.Getenv("PINWARDEN_BIN")
-	if binPath == "" {
-		dir, err := os.MkdirTemp("", "pinwarden-e2e-bin")
-		if err != nil {
-			log.Print(err)
-			return 1
-		}
-		defer os.RemoveAll(dir)
-		binPath = filepath.Join(dir, "pinwarden")
-		build := exec.Command("go", "build", "-o", binPath, "github.com/pinwarden/pinwarden/cmd/pinwarden")
-		build.Stdout, build.Stderr = os.Stderr, os.Stderr
-		if err := build.Run(); err != nil {
-			log.Printf("build pinwarden: %v", err)
-			return 1
-		}
+	dir, err := os.MkdirTemp("", "pinwarden-e2e-bin")
+	if err != nil {
+		log.Print(err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	if binPath, err = harness.AgentBinary(dir); err != nil {
+		log.Print(err)
+		return 1
 	}
 	return m.Run()
 }
@@ -142,7 +131,7 @@ type config struct {
 }
 
 func (e *env) newConfig(policies string) *config {
-	return &config{metrics: freeAddr(e.t), status: freeAddr(e.t), policies: policies}
+	return &config{metrics: harness.FreeAddr(e.t), status: harness.FreeAddr(e.t), policies: policies}
 }
 
 func (e *env) configPath() string { return filepath.Join(e.dir, "config.yaml") }
@@ -199,184 +188,15 @@ func denyPolicy(name, glob string) string {
 	return fmt.Sprintf("  - name: %s\n    images: [%q]\n    deny: true\n", name, glob)
 }
 
-// agentProc is a running `pinwarden agent`.
-type agentProc struct {
-	t       *testing.T
-	cmd     *exec.Cmd
-	cfg     *config
-	logPath string
-	done    chan struct{}
-	err     error // exit status, set before done is closed
-}
-
 // startAgent runs the agent binary on the env's config file and waits for
 // /readyz.
-func (e *env) startAgent(c *config) *agentProc {
+func (e *env) startAgent(c *config) *harness.Agent {
 	e.t.Helper()
-	logf, err := os.CreateTemp(e.dir, "agent-*.log")
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	cmd := exec.Command(binPath, "agent", "--config", e.configPath())
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		e.t.Fatalf("start agent: %v", err)
-	}
-	a := &agentProc{t: e.t, cmd: cmd, cfg: c, logPath: logf.Name(), done: make(chan struct{})}
-	go func() { a.err = cmd.Wait(); _ = logf.Close(); close(a.done) }()
-	e.t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-a.done
-		if e.t.Failed() {
-			e.t.Logf("agent log:\n%s", a.log())
-		}
-	})
-	eventually(e.t, 20*time.Second, "agent ready", func() (bool, string) {
-		select {
-		case <-a.done:
-			e.t.Fatalf("agent exited at start: %v\n%s", a.err, a.log())
-		default:
-		}
-		resp, err := http.Get("http://" + c.metrics + "/readyz")
-		if err != nil {
-			return false, err.Error()
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK, resp.Status
-	})
-	return a
+	return harness.StartAgent(e.t, binPath, e.configPath(), c.metrics, c.status)
 }
 
-func (a *agentProc) log() string {
-	b, _ := os.ReadFile(a.logPath)
-	return string(b)
-}
-
-// stop sends SIGTERM and asserts a clean exit within 5 s.
-func (a *agentProc) stop() {
-	a.t.Helper()
-	start := time.Now()
-	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		a.t.Fatalf("SIGTERM: %v", err)
-	}
-	select {
-	case <-a.done:
-	case <-time.After(5 * time.Second):
-		a.t.Fatalf("agent still running 5 s after SIGTERM\n%s", a.log())
-	}
-	if a.err != nil {
-		a.t.Fatalf("agent exited with %v after SIGTERM\n%s", a.err, a.log())
-	}
-	a.t.Logf("agent stopped %v after SIGTERM", time.Since(start).Round(time.Millisecond))
-}
-
-// images is the agent's GET /v1/images keyed by digest.
-func (a *agentProc) images() map[string]status.Image {
-	a.t.Helper()
-	ctx, cancel := context.WithTimeout(a.t.Context(), 5*time.Second)
-	defer cancel()
-	imgs, err := status.Fetch(ctx, http.DefaultClient, a.cfg.status)
-	if err != nil {
-		a.t.Fatalf("GET /v1/images: %v", err)
-	}
-	out := map[string]status.Image{}
-	for _, im := range imgs {
-		out[im.Digest] = im
-	}
-	return out
-}
-
-// metrics scrapes /metrics and returns the samples by series name with
-// labels sorted as Prometheus prints them: `name{a="x",b="y"}`.
-func (a *agentProc) metrics() map[string]float64 {
-	a.t.Helper()
-	resp, err := http.Get("http://" + a.cfg.metrics + "/metrics")
-	if err != nil {
-		a.t.Fatalf("GET /metrics: %v", err)
-	}
-	defer resp.Body.Close()
-	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			a.t.Fatalf("metrics line %q: %v", line, err)
-		}
-		out[line[:i]] = v
-	}
-	if err := sc.Err(); err != nil {
-		a.t.Fatalf("read /metrics: %v", err)
-	}
-	return out
-}
-
-// sum adds the samples of name whose labels contain every label in want
-// (each `k="v"`).
-func sum(samples map[string]float64, name string, want ...string) float64 {
-	var total float64
-	for series, v := range samples {
-		n, labels, _ := strings.Cut(series, "{")
-		if n != name {
-			continue
-		}
-		ok := true
-		for _, w := range want {
-			if !strings.Contains(labels, w) {
-				ok = false
-			}
-		}
-		if ok {
-			total += v
-		}
-	}
-	return total
-}
-
-// waitVerdict waits until digest has a verdict other than "queued" and
-// returns it.
-func (a *agentProc) waitVerdict(digest string, timeout time.Duration) status.Image {
-	a.t.Helper()
-	var im status.Image
-	eventually(a.t, timeout, "verdict for "+digest, func() (bool, string) {
-		var ok bool
-		im, ok = a.images()[digest]
-		return ok && im.Reason != "queued" && im.Verdict != "", fmt.Sprintf("%+v", im)
-	})
-	return im
-}
-
-// eventually polls cond every 10 ms until it holds or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, what string, cond func() (bool, string)) {
+// stop stops a with SIGTERM (a clean exit within 5 s) and logs how long it took.
+func stop(t *testing.T, a *harness.Agent) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last := ""
-	for {
-		ok, state := cond()
-		if ok {
-			return
-		}
-		last = state
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s; last state: %s", timeout, what, last)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// freeAddr returns a loopback host:port that was free a moment ago.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Logf("agent stopped %v after SIGTERM", a.Stop().Round(time.Millisecond))
 }

@@ -39,16 +39,16 @@ func TestVerdictsOnRealContainerd(t *testing.T) {
 				toolD:    {"untrusted", "denied"},
 			}
 			for d, w := range want {
-				im := a.waitVerdict(d, 15*time.Second)
+				im := a.WaitVerdict(d, 15*time.Second)
 				if string(im.Verdict) != w[0] || im.Reason != w[1] {
 					t.Errorf("%s: verdict %s/%q, want %s/%q", im.Image, im.Verdict, im.Reason, w[0], w[1])
 				}
 			}
-			if im := a.images()[apiD]; im.Policy != "shop" || len(im.Signers) != 1 || im.VerifiedAt == nil || im.Source != "registry" {
+			if im := a.Images()[apiD]; im.Policy != "shop" || len(im.Signers) != 1 || im.VerifiedAt == nil || im.Source != "registry" {
 				t.Errorf("verified image lacks its evidence: %+v", im)
 			}
 
-			m := a.metrics()
+			m := a.Metrics()
 			for series, v := range map[string]float64{
 				`pinwarden_images{verdict="verified"}`:   1,
 				`pinwarden_images{verdict="unverified"}`: 2,
@@ -60,10 +60,10 @@ func TestVerdictsOnRealContainerd(t *testing.T) {
 					t.Errorf("%s = %v, want %v", series, m[series], v)
 				}
 			}
-			if n := sum(m, "pinwarden_image_problems"); n != 3 {
+			if n := harness.SumMetric(m, "pinwarden_image_problems"); n != 3 {
 				t.Errorf("pinwarden_image_problems has %v series, want 3 (worker, billing, tool)", n)
 			}
-			if n := sum(m, "pinwarden_image_problems", `digest="`+toolD+`"`, `problem="untrusted"`, `reason="denied"`, `running="false"`); n != 1 {
+			if n := harness.SumMetric(m, "pinwarden_image_problems", `digest="`+toolD+`"`, `problem="untrusted"`, `reason="denied"`, `running="false"`); n != 1 {
 				t.Errorf("no untrusted/denied problem series for the third-party tool")
 			}
 
@@ -71,7 +71,7 @@ func TestVerdictsOnRealContainerd(t *testing.T) {
 			late, lateD := e.push("shop/late:v1", e.signer)
 			start := time.Now()
 			e.pull(late)
-			im := a.waitVerdict(lateD, 5*time.Second)
+			im := a.WaitVerdict(lateD, 5*time.Second)
 			took := time.Since(start)
 			if im.Verdict != "verified" {
 				t.Errorf("late pull: verdict %s/%s, want verified", im.Verdict, im.Reason)
@@ -80,7 +80,7 @@ func TestVerdictsOnRealContainerd(t *testing.T) {
 			if took > 2*time.Second {
 				t.Errorf("pull judged after %v, want well under the resync interval", took)
 			}
-			a.stop()
+			stop(t, a)
 		})
 	}
 }
@@ -97,28 +97,28 @@ func TestDriftOfPinnedTag(t *testing.T) {
 	c.pins = []string{pinFile}
 	e.writeConfig(c, "")
 	a := e.startAgent(c)
-	if im := a.waitVerdict(webD, 15*time.Second); im.Drifted || im.Verdict != "verified" {
+	if im := a.WaitVerdict(webD, 15*time.Second); im.Drifted || im.Verdict != "verified" {
 		t.Fatalf("pinned image before the re-push: %+v", im)
 	}
 
 	_, newD := e.push("shop/web:v1", e.signer) // the same tag, another digest
 	e.pull(web)
 	var im status.Image
-	eventually(t, 5*time.Second, "drift flagged", func() (bool, string) {
-		im = a.images()[newD]
+	harness.Eventually(t, 5*time.Second, "drift flagged", func() (bool, string) {
+		im = a.Images()[newD]
 		return im.Drifted && im.Verdict != "pending", fmt.Sprintf("%+v", im)
 	})
 	if im.PinnedDigest != webD || im.Verdict != "verified" {
 		t.Errorf("drifted image: pinnedDigest %s verdict %s; want %s and verified (drift is beside the verdict)", im.PinnedDigest, im.Verdict, webD)
 	}
-	m := a.metrics()
+	m := a.Metrics()
 	if m["pinwarden_drifted_images"] != 1 {
 		t.Errorf("pinwarden_drifted_images = %v, want 1", m["pinwarden_drifted_images"])
 	}
-	if sum(m, "pinwarden_image_problems", `digest="`+newD+`"`, `problem="drifted"`, `reason="pin-mismatch"`) != 1 {
+	if harness.SumMetric(m, "pinwarden_image_problems", `digest="`+newD+`"`, `problem="drifted"`, `reason="pin-mismatch"`) != 1 {
 		t.Errorf("no drifted problem series for %s", newD)
 	}
-	if sum(m, "pinwarden_tag_digest", `digest="`+newD+`"`, `image="`+web+`"`) != 1 {
+	if harness.SumMetric(m, "pinwarden_tag_digest", `digest="`+newD+`"`, `image="`+web+`"`) != 1 {
 		t.Errorf("pinwarden_tag_digest does not show %s -> %s", web, newD)
 	}
 }
@@ -135,7 +135,7 @@ func TestBrokenConfigRefused(t *testing.T) {
 	c.pins = []string{pinFile}
 	e.writeConfig(c, "")
 	a := e.startAgent(c)
-	a.waitVerdict(apiD, 15*time.Second)
+	a.WaitVerdict(apiD, 15*time.Second)
 
 	good, err := os.ReadFile(e.configPath())
 	if err != nil {
@@ -151,14 +151,14 @@ func TestBrokenConfigRefused(t *testing.T) {
 	}
 	for i, b := range broken {
 		e.writeFile(b.path, b.text)
-		eventually(t, 5*time.Second, b.name+" refused", func() (bool, string) {
-			n := a.metrics()[`pinwarden_config_reloads_total{result="failure"}`]
+		harness.Eventually(t, 5*time.Second, b.name+" refused", func() (bool, string) {
+			n := a.Metrics()[`pinwarden_config_reloads_total{result="failure"}`]
 			return n == float64(i+1), fmt.Sprintf("failures=%v", n)
 		})
-		if !strings.Contains(a.log(), b.logSays) {
+		if !strings.Contains(a.Log(), b.logSays) {
 			t.Errorf("%s: the log does not name %q", b.name, b.logSays)
 		}
-		if im := a.images()[apiD]; im.Verdict != "verified" {
+		if im := a.Images()[apiD]; im.Verdict != "verified" {
 			t.Errorf("%s: the last good verdict was lost: %+v", b.name, im)
 		}
 		// Restore, so that each case is the only fault.
@@ -167,13 +167,13 @@ func TestBrokenConfigRefused(t *testing.T) {
 		} else {
 			e.writeFile(e.configPath(), string(good))
 		}
-		eventually(t, 5*time.Second, "good config reloaded", func() (bool, string) {
-			n := a.metrics()[`pinwarden_config_reloads_total{result="success"}`]
+		harness.Eventually(t, 5*time.Second, "good config reloaded", func() (bool, string) {
+			n := a.Metrics()[`pinwarden_config_reloads_total{result="success"}`]
 			return n >= float64(i+2), fmt.Sprintf("successes=%v", n) // +1 for the start
 		})
 	}
 	// The agent is still alive and ready.
-	if m := a.metrics(); m["pinwarden_runtime_up"] != 1 {
+	if m := a.Metrics(); m["pinwarden_runtime_up"] != 1 {
 		t.Errorf("runtime_up = %v after the reloads", m["pinwarden_runtime_up"])
 	}
 }
@@ -190,29 +190,29 @@ func TestPolicyChangeRejudges(t *testing.T) {
 	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer) + keyPolicy("ops", e.reg.Host+"/ops/**", opsSigner))
 	e.writeConfig(c, "")
 	a := e.startAgent(c)
-	a.waitVerdict(apiD, 15*time.Second)
-	before := a.waitVerdict(toolD, 15*time.Second)
+	a.WaitVerdict(apiD, 15*time.Second)
+	before := a.WaitVerdict(toolD, 15*time.Second)
 	if before.Verdict != "verified" {
 		t.Fatalf("ops/tool: %+v", before)
 	}
-	regBefore := sum(a.metrics(), "pinwarden_verifications_total", `source="registry"`)
+	regBefore := harness.SumMetric(a.Metrics(), "pinwarden_verifications_total", `source="registry"`)
 
 	// shop now trusts only a key that never signed shop/api.
 	c.policies = keyPolicy("shop", e.reg.Host+"/shop/**", newSigner) + keyPolicy("ops", e.reg.Host+"/ops/**", opsSigner)
 	e.writeConfig(c, "")
 	var im status.Image
-	eventually(t, 5*time.Second, "shop/api re-judged", func() (bool, string) {
-		im = a.images()[apiD]
+	harness.Eventually(t, 5*time.Second, "shop/api re-judged", func() (bool, string) {
+		im = a.Images()[apiD]
 		return im.Verdict == "unverified", fmt.Sprintf("%+v", im)
 	})
 	if im.Reason != "invalid-signature" {
 		t.Errorf("shop/api after the key change: reason %q, want invalid-signature", im.Reason)
 	}
-	after := a.images()[toolD]
+	after := a.Images()[toolD]
 	if after.Verdict != "verified" || after.VerifiedAt == nil || !after.VerifiedAt.Equal(*before.VerifiedAt) {
 		t.Errorf("ops/tool was re-judged although its policy did not change: before %v, after %+v", before.VerifiedAt, after)
 	}
-	if n := sum(a.metrics(), "pinwarden_verifications_total", `source="registry"`) - regBefore; n != 1 {
+	if n := harness.SumMetric(a.Metrics(), "pinwarden_verifications_total", `source="registry"`) - regBefore; n != 1 {
 		t.Errorf("%v registry verifications after the policy change, want exactly 1 (shop/api)", n)
 	}
 
@@ -220,8 +220,8 @@ func TestPolicyChangeRejudges(t *testing.T) {
 	// (and its fingerprint) still exists.
 	c.policies = denyPolicy("ops-frozen", e.reg.Host+"/ops/**") + c.policies
 	e.writeConfig(c, "")
-	eventually(t, 5*time.Second, "ops/tool taken over by the deny policy", func() (bool, string) {
-		im = a.images()[toolD]
+	harness.Eventually(t, 5*time.Second, "ops/tool taken over by the deny policy", func() (bool, string) {
+		im = a.Images()[toolD]
 		return im.Verdict == "untrusted" && im.Reason == "denied" && im.Policy == "ops-frozen", fmt.Sprintf("%+v", im)
 	})
 }
@@ -236,39 +236,39 @@ func TestRestartWithRegistryDown(t *testing.T) {
 	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
 	e.writeConfig(c, "")
 	a := e.startAgent(c)
-	if im := a.waitVerdict(apiD, 15*time.Second); im.Verdict != "verified" {
+	if im := a.WaitVerdict(apiD, 15*time.Second); im.Verdict != "verified" {
 		t.Fatalf("before the restart: %+v", im)
 	}
-	a.stop()
+	stop(t, a)
 
 	fresh, freshD := e.push("shop/fresh:v1", e.signer) // signed, but nobody can check that now
 	e.pull(fresh)
 	e.reg.down.Store(true)
 
 	b := e.startAgent(c)
-	im := b.waitVerdict(apiD, 15*time.Second)
+	im := b.WaitVerdict(apiD, 15*time.Second)
 	if im.Verdict != "verified" || im.Source != "cache" {
 		t.Errorf("cached verdict after the restart: %s from %q, want verified from cache", im.Verdict, im.Source)
 	}
-	im = b.waitVerdict(freshD, 30*time.Second)
+	im = b.WaitVerdict(freshD, 30*time.Second)
 	if im.Verdict != "pending" || (im.Reason != "registry-unreachable" && im.Reason != "registry-error") {
 		t.Errorf("image pulled while the registry is down: %s/%s, want pending/registry-unreachable", im.Verdict, im.Reason)
 	}
-	m := b.metrics()
-	if n := sum(m, "pinwarden_verifications_total", `result="verified"`, `source="registry"`); n != 0 {
+	m := b.Metrics()
+	if n := harness.SumMetric(m, "pinwarden_verifications_total", `result="verified"`, `source="registry"`); n != 0 {
 		t.Errorf("%v verified verdicts came from a registry that is down", n)
 	}
-	if sum(m, "pinwarden_image_problems", `digest="`+freshD+`"`, `problem="pending"`) != 1 {
+	if harness.SumMetric(m, "pinwarden_image_problems", `digest="`+freshD+`"`, `problem="pending"`) != 1 {
 		t.Errorf("the pending image is not a problem series")
 	}
 
 	// The registry comes back: the retry judges it without a restart.
 	e.reg.down.Store(false)
-	eventually(t, 30*time.Second, "retry after the registry returns", func() (bool, string) {
-		im = b.images()[freshD]
+	harness.Eventually(t, 30*time.Second, "retry after the registry returns", func() (bool, string) {
+		im = b.Images()[freshD]
 		return im.Verdict == "verified", fmt.Sprintf("%+v", im)
 	})
-	b.stop()
+	stop(t, b)
 }
 
 // Killing containerd flips pinwarden_runtime_up to 0 and back to 1 after it
@@ -280,11 +280,11 @@ func TestContainerdRestart(t *testing.T) {
 	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
 	e.writeConfig(c, "")
 	a := e.startAgent(c)
-	a.waitVerdict(apiD, 15*time.Second)
+	a.WaitVerdict(apiD, 15*time.Second)
 
 	e.ctr.Kill()
-	eventually(t, 10*time.Second, "runtime_up 0", func() (bool, string) {
-		v := a.metrics()["pinwarden_runtime_up"]
+	harness.Eventually(t, 10*time.Second, "runtime_up 0", func() (bool, string) {
+		v := a.Metrics()["pinwarden_runtime_up"]
 		return v == 0, fmt.Sprint(v)
 	})
 	resp, err := httpGet("http://" + c.status + status.Path)
@@ -300,19 +300,19 @@ func TestContainerdRestart(t *testing.T) {
 	missed, missedD := e.push("shop/missed:v1", nil)
 	e.pull(missed)
 	start := time.Now()
-	eventually(t, 30*time.Second, "runtime_up 1", func() (bool, string) {
-		v := a.metrics()["pinwarden_runtime_up"]
+	harness.Eventually(t, 30*time.Second, "runtime_up 1", func() (bool, string) {
+		v := a.Metrics()["pinwarden_runtime_up"]
 		return v == 1, fmt.Sprint(v)
 	})
-	im := a.waitVerdict(missedD, 15*time.Second)
+	im := a.WaitVerdict(missedD, 15*time.Second)
 	if im.Verdict != "unverified" || im.Reason != "no-signature" {
 		t.Errorf("image pulled during the outage: %s/%s, want unverified/no-signature", im.Verdict, im.Reason)
 	}
 	t.Logf("containerd restarted -> runtime_up 1 and the missed image judged in %v", time.Since(start).Round(time.Millisecond))
-	if m := a.metrics(); m["pinwarden_resyncs_total"] < 2 {
+	if m := a.Metrics(); m["pinwarden_resyncs_total"] < 2 {
 		t.Errorf("pinwarden_resyncs_total = %v, want a relist after the reconnect", m["pinwarden_resyncs_total"])
 	}
-	a.stop()
+	stop(t, a)
 }
 
 func httpGet(url string) (int, error) {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // apiServer stands in for the Kubernetes API server at the HTTP level (no
@@ -93,17 +94,17 @@ current-context: e2e
 		fmt.Sprintf("kubernetes: {enabled: true, kubeconfig: %q, events: true, nodeCondition: true}", kubeconfig), 1)
 	e.writeConfig(nil, withKube)
 	a := e.startAgent(c)
-	a.waitVerdict(toolD, 15*time.Second)
+	a.WaitVerdict(toolD, 15*time.Second)
 
-	eventually(t, 10*time.Second, "ImageUntrusted event", func() (bool, string) {
+	harness.Eventually(t, 10*time.Second, "ImageUntrusted event", func() (bool, string) {
 		return api.sawWrite("/events", "ImageUntrusted", status.ShortDigest(toolD)), "no such write"
 	})
-	eventually(t, 10*time.Second, "node condition written", func() (bool, string) {
+	harness.Eventually(t, 10*time.Second, "node condition written", func() (bool, string) {
 		return api.sawWrite("/nodes/e2e-node/status", "UntrustedImage"), "no such write"
 	})
 
 	e.writeConfig(nil, withKube+"bogusKey: 1\n")
-	eventually(t, 10*time.Second, "ConfigInvalid event", func() (bool, string) {
+	harness.Eventually(t, 10*time.Second, "ConfigInvalid event", func() (bool, string) {
 		return api.sawWrite("/events", "ConfigInvalid", "bogusKey"), "no such write"
 	})
 	api.mu.Lock()
@@ -118,5 +119,5 @@ current-context: e2e
 		}
 	}
 	api.mu.Unlock()
-	a.stop()
+	stop(t, a)
 }

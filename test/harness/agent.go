@@ -1,0 +1,222 @@
+package harness
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pinwarden/pinwarden/agent/status"
+)
+
+// AgentBinary returns the pinwarden binary for end-to-end runs: $PINWARDEN_BIN
+// (make test and make bench set it), else one built now into dir. Call it
+// from TestMain, where a failed build can still stop the package.
+func AgentBinary(dir string) (string, error) {
+	if p := os.Getenv("PINWARDEN_BIN"); p != "" {
+		return p, nil
+	}
+	bin := filepath.Join(dir, "pinwarden")
+	build := exec.Command("go", "build", "-o", bin, "github.com/pinwarden/pinwarden/cmd/pinwarden")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return "", fmt.Errorf("build pinwarden: %w", err)
+	}
+	return bin, nil
+}
+
+// Agent is a running `pinwarden agent --config FILE`, owned by one test.
+type Agent struct {
+	t          testing.TB
+	cmd        *exec.Cmd
+	MetricsURL string // http://host:port of metricsAddress
+	StatusAddr string // host:port of statusAddress
+	logPath    string
+	done       chan struct{}
+	err        error // exit status, set before done is closed
+}
+
+// StartAgent runs bin on configPath, whose metricsAddress and statusAddress
+// must be metricsAddr and statusAddr, and waits until /readyz answers 200. The
+// agent is killed when the test ends; its log is printed if the test failed.
+func StartAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string) *Agent {
+	t.Helper()
+	logf, err := os.CreateTemp(t.TempDir(), "agent-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "agent", "--config", configPath) //nolint:gosec // the binary under test
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start agent: %v", err)
+	}
+	a := &Agent{t: t, cmd: cmd, MetricsURL: "http://" + metricsAddr, StatusAddr: statusAddr,
+		logPath: logf.Name(), done: make(chan struct{})}
+	go func() { a.err = cmd.Wait(); _ = logf.Close(); close(a.done) }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-a.done
+		if t.Failed() {
+			t.Logf("agent log:\n%s", a.Log())
+		}
+	})
+	Eventually(t, 20*time.Second, "agent ready", func() (bool, string) {
+		select {
+		case <-a.done:
+			t.Fatalf("agent exited at start: %v\n%s", a.err, a.Log())
+		default:
+		}
+		resp, err := http.Get(a.MetricsURL + "/readyz")
+		if err != nil {
+			return false, err.Error()
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK, resp.Status
+	})
+	return a
+}
+
+// PID is the agent's process ID.
+func (a *Agent) PID() int { return a.cmd.Process.Pid }
+
+// Log is everything the agent has logged so far.
+func (a *Agent) Log() string {
+	b, _ := os.ReadFile(a.logPath)
+	return string(b)
+}
+
+// Stop sends SIGTERM and fails the test unless the agent exits 0 within 5 s.
+// It returns how long the shutdown took.
+func (a *Agent) Stop() time.Duration {
+	a.t.Helper()
+	start := time.Now()
+	if err := a.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		a.t.Fatalf("SIGTERM: %v", err)
+	}
+	select {
+	case <-a.done:
+	case <-time.After(5 * time.Second):
+		a.t.Fatalf("agent still running 5 s after SIGTERM\n%s", a.Log())
+	}
+	if a.err != nil {
+		a.t.Fatalf("agent exited with %v after SIGTERM\n%s", a.err, a.Log())
+	}
+	return time.Since(start)
+}
+
+// Images is the agent's GET /v1/images keyed by digest.
+func (a *Agent) Images() map[string]status.Image {
+	a.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	imgs, err := status.Fetch(ctx, http.DefaultClient, a.StatusAddr)
+	if err != nil {
+		a.t.Fatalf("GET /v1/images: %v", err)
+	}
+	out := make(map[string]status.Image, len(imgs))
+	for _, im := range imgs {
+		out[im.Digest] = im
+	}
+	return out
+}
+
+// Metrics scrapes /metrics and returns the samples keyed by series as
+// Prometheus prints them: `name{a="x",b="y"}`.
+func (a *Agent) Metrics() map[string]float64 {
+	a.t.Helper()
+	resp, err := http.Get(a.MetricsURL + "/metrics")
+	if err != nil {
+		a.t.Fatalf("GET /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			a.t.Fatalf("metrics line %q: %v", line, err)
+		}
+		out[line[:i]] = v
+	}
+	if err := sc.Err(); err != nil {
+		a.t.Fatalf("read /metrics: %v", err)
+	}
+	return out
+}
+
+// WaitVerdict waits until digest has a verdict other than "pending/queued"
+// (not judged yet) and returns it.
+func (a *Agent) WaitVerdict(digest string, timeout time.Duration) status.Image {
+	a.t.Helper()
+	var im status.Image
+	Eventually(a.t, timeout, "verdict for "+digest, func() (bool, string) {
+		var ok bool
+		im, ok = a.Images()[digest]
+		return ok && im.Reason != "queued" && im.Verdict != "", fmt.Sprintf("%+v", im)
+	})
+	return im
+}
+
+// SumMetric adds the samples of name whose labels contain every one of want
+// (each `k="v"`).
+func SumMetric(samples map[string]float64, name string, want ...string) float64 {
+	var total float64
+	for series, v := range samples {
+		n, labels, _ := strings.Cut(series, "{")
+		if n != name {
+			continue
+		}
+		ok := true
+		for _, w := range want {
+			ok = ok && strings.Contains(labels, w)
+		}
+		if ok {
+			total += v
+		}
+	}
+	return total
+}
+
+// Eventually polls cond every 10 ms until it holds, or fails the test after
+// timeout with the last state cond reported.
+func Eventually(t testing.TB, timeout time.Duration, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ok, state := cond()
+		if ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s; last state: %s", timeout, what, state)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// FreeAddr returns a loopback host:port that was free a moment ago.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
