@@ -122,7 +122,8 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 	inv := inventory.New(rt, logger.With("component", "inventory"),
 		inventory.WithResyncInterval(cfg.ResyncInterval.Duration), inventory.WithObserver(m))
-	lopts := loop.Options{OnDropped: m.QueueDropped}
+	lopts := loop.Options{OnDropped: m.QueueDropped,
+		VerifiedTTL: cfg.Cache.VerifiedTTL.Duration, FailedTTL: cfg.Cache.FailedTTL.Duration}
 	if rep != nil {
 		lopts.Reporter = rep
 	}

@@ -57,8 +57,12 @@ type Options struct {
 	QueueCapacity int           // 20000
 	RetryBase     time.Duration // 2s: first retry of a pending verdict
 	RetryMax      time.Duration // 5m
-	OnDropped     func()        // a digest was dropped from the full queue
-	Reporter      Reporter      // optional
+	// VerifiedTTL and FailedTTL re-queue a digest when its verified or
+	// unverified verdict expires (the cache TTLs); zero: only the relist does.
+	VerifiedTTL time.Duration
+	FailedTTL   time.Duration
+	OnDropped   func()   // a digest was dropped from the full queue
+	Reporter    Reporter // optional
 }
 
 // Loop is created with New and started with Run.
@@ -240,6 +244,7 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 		retry = Backoff(l.opts.RetryBase, l.opts.RetryMax, n)
 	} else {
 		delete(l.attempts, d)
+		retry = l.untilExpiry(worst)
 	}
 	l.mu.Unlock()
 	if !had || prev.Verdict != worst.Verdict || prev.Reason != worst.Reason {
@@ -250,6 +255,22 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 		l.q.AddAfter(d, retry)
 	}
 	l.markDirty()
+}
+
+// untilExpiry is how long until r's cached verdict expires, plus a second so
+// that the judge sees it expired; 0 when it never expires.
+func (l *Loop) untilExpiry(r verdict.Result) time.Duration {
+	var ttl time.Duration
+	switch r.Verdict {
+	case verdict.Verified:
+		ttl = l.opts.VerifiedTTL
+	case verdict.Unverified:
+		ttl = l.opts.FailedTTL
+	}
+	if ttl <= 0 || r.VerifiedAt.IsZero() {
+		return 0
+	}
+	return max(time.Until(r.VerifiedAt.Add(ttl)), 0) + time.Second
 }
 
 // Severity orders verdicts from best (ignored) to worst (untrusted).

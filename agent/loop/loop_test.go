@@ -813,3 +813,49 @@ func TestLoopRunStopsOnCancel(t *testing.T) {
 		t.Errorf("judged %d times, want 1", n)
 	}
 }
+
+// A definitive verdict is re-judged when its cache entry expires, not only
+// at the next relist.
+func TestLoopRejudgesAtExpiry(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name       string
+		v          verdict.Verdict
+		verifiedAt time.Duration // how old the first verdict already is
+		calls      [2]int        // judged by 59m55s and by 1h00m05s
+	}{
+		{"verified, expires after verifiedTTL", verdict.Verified, 0, [2]int{1, 2}},
+		{"unverified, expires after failedTTL", verdict.Unverified, 0, [2]int{6, 6}}, // 0, 10m01s, ..., 50m05s
+		{"verified 50m ago: expires after 10m", verdict.Verified, 50 * time.Minute, [2]int{2, 2}},
+		{"untrusted never expires", verdict.Untrusted, 0, [2]int{1, 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			synctest.Test(t, func(t *testing.T) {
+				inv := newInventory(inventory.Image{Digest: dg(1), Repos: []string{"r.io/a"}})
+				j := &fakeJudger{fn: func(_, _ string, n int) verdict.Result {
+					at := time.Now()
+					if n == 0 {
+						at = at.Add(-tt.verifiedAt)
+					}
+					return verdict.Result{Verdict: tt.v, Fingerprint: "fp", VerifiedAt: at}
+				}}
+				l := loop.New(inv, j, nil, discard(), loop.Options{VerifiedTTL: time.Hour, FailedTTL: 10 * time.Minute})
+				stop := start(t, l)
+				defer stop()
+				l.Changed(dg(1))
+				time.Sleep(time.Hour - 5*time.Second)
+				synctest.Wait()
+				if n := j.CallsFor(dg(1)); n != tt.calls[0] {
+					t.Fatalf("judged %d times by 59m55s, want %d", n, tt.calls[0])
+				}
+				time.Sleep(10 * time.Second)
+				synctest.Wait()
+				if n := j.CallsFor(dg(1)); n != tt.calls[1] {
+					t.Fatalf("judged %d times by 1h00m05s, want %d", n, tt.calls[1])
+				}
+			})
+		})
+	}
+}
