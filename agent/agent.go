@@ -28,6 +28,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/metrics"
 	"github.com/pinwarden/pinwarden/agent/pins"
 	"github.com/pinwarden/pinwarden/agent/policy"
+	"github.com/pinwarden/pinwarden/agent/prefetch"
 	"github.com/pinwarden/pinwarden/agent/reload"
 	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
@@ -129,8 +130,18 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 	lp := loop.New(inv, j, m, logger.With("component", "loop"), lopts)
 	lp.SetPins(s.Pins)
+	var pf *prefetch.Prefetcher
+	if cfg.Prefetch.Enabled {
+		popts := prefetch.Options{Concurrency: cfg.Prefetch.Concurrency, PinGC: cfg.Prefetch.PinGC,
+			Credentials: verifier, Observer: m}
+		if rep != nil {
+			popts.Events = rep
+		}
+		pf = prefetch.New(j, rt, logger.With("component", "prefetch"), popts)
+		pf.SetPins(s.Pins)
+	}
 
-	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep}
+	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep, prefetch: pf}
 	watcher, err := reload.New(a.watchedFiles(), 300*time.Millisecond, logger.With("component", "reload"), a.reload)
 	if err != nil {
 		return fmt.Errorf("watch config: %w", err)
@@ -144,6 +155,9 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	g.Go(func() error { return forward(ctx, inv, lp) })
 	if rep != nil {
 		g.Go(func() error { return rep.Run(ctx) })
+	}
+	if pf != nil {
+		g.Go(func() error { return pf.Run(ctx) })
 	}
 	serve(ctx, g, logger, cfg.MetricsAddress, probes(m, inv))
 	serve(ctx, g, logger, cfg.StatusAddress, status.Handler(lp))
@@ -188,6 +202,8 @@ type agent struct {
 	metrics *metrics.Metrics
 	watcher *reload.Watcher
 	report  *report.Reporter // nil when Kubernetes reporting is off
+	// prefetch is nil when prefetch.enabled is false.
+	prefetch *prefetch.Prefetcher
 
 	mu  sync.Mutex // guards cur
 	cur *Settings
@@ -224,6 +240,9 @@ func (a *agent) reload() {
 	a.judge.SetPolicies(s.Policies)
 	dropped := a.cache.InvalidateExcept(fps)
 	a.loop.SetPins(s.Pins)
+	if a.prefetch != nil {
+		a.prefetch.SetPins(s.Pins)
+	}
 	// Re-judge every digest, not only those judged under a vanished
 	// fingerprint: a new policy can take over a repository whose old policy
 	// still exists. Unchanged policies answer from the cache.
@@ -250,6 +269,7 @@ func restartOnly(old, cur *config.Config) []string {
 	check("resyncInterval", old.ResyncInterval, cur.ResyncInterval)
 	check("maxProblemSeries", old.MaxProblemSeries, cur.MaxProblemSeries)
 	check("cache", old.Cache, cur.Cache)
+	check("prefetch", old.Prefetch, cur.Prefetch)
 	check("registries.dockerConfig", old.Registries.DockerConfig, cur.Registries.DockerConfig)
 	check("registries.requestsPerSecond", old.Registries.RequestsPerSecond, cur.Registries.RequestsPerSecond)
 	check("registries.burst", old.Registries.Burst, cur.Registries.Burst)

@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/fieldmaskpb"
 	internalapi "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
@@ -55,6 +56,14 @@ const (
 	LabelPodNamespace  = "io.kubernetes.pod.namespace"
 	LabelPodName       = "io.kubernetes.pod.name"
 	LabelContainerName = "io.kubernetes.container.name"
+)
+
+// The containerd image label that containerd's CRI plugin turns into the CRI
+// Image.pinned field; kubelet's image garbage collection never removes a
+// pinned image.
+const (
+	LabelPinned      = "io.cri-containerd.pinned"
+	LabelPinnedValue = "pinned"
 )
 
 // maxMsgSize bounds gRPC responses; a list of 10,000 images is a few MB.
@@ -352,6 +361,48 @@ func (c *Client) ImageTarget(ctx context.Context, name string) (string, error) {
 		return "", fmt.Errorf("containerd image %s: %w", name, mapErr(err))
 	}
 	return resp.GetImage().GetTarget().GetDigest(), nil
+}
+
+// ImageLabels returns the labels of one containerd image name (e.g.
+// "repo@sha256:..."), or an error matching ErrNotFound.
+func (c *Client) ImageLabels(ctx context.Context, name string) (map[string]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	resp, err := c.ctdImages.Get(c.nsContext(ctx), &imagesvc.GetImageRequest{Name: name})
+	if err != nil {
+		return nil, fmt.Errorf("containerd image %s: %w", name, mapErr(err))
+	}
+	return resp.GetImage().GetLabels(), nil
+}
+
+// PinImage sets the label io.cri-containerd.pinned=pinned on the containerd
+// image name (in the client's namespace) through the containerd images API,
+// leaving its other labels alone. It is a no-op when the label is already
+// set. An absent image is an error matching ErrNotFound.
+func (c *Client) PinImage(ctx context.Context, name string) error {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	ctx = c.nsContext(ctx)
+	resp, err := c.ctdImages.Get(ctx, &imagesvc.GetImageRequest{Name: name})
+	if err != nil {
+		return fmt.Errorf("pin image %s: %w", name, mapErr(err))
+	}
+	img := resp.GetImage()
+	if img.GetLabels()[LabelPinned] == LabelPinnedValue {
+		return nil
+	}
+	_, err = c.ctdImages.Update(ctx, &imagesvc.UpdateImageRequest{
+		Image: &imagesvc.Image{
+			Name:   name,
+			Target: img.GetTarget(),
+			Labels: map[string]string{LabelPinned: LabelPinnedValue},
+		},
+		UpdateMask: &fieldmaskpb.FieldMask{Paths: []string{"labels." + LabelPinned}},
+	})
+	if err != nil {
+		return fmt.Errorf("pin image %s: %w", name, mapErr(err))
+	}
+	return nil
 }
 
 // Events subscribes to the image events of the namespace. The subscription
