@@ -105,8 +105,11 @@ unsigned=$(image shop/worker:v1 "worker v1")
 wrongkey=$(image shop/billing:v1 "billing v1");  sign stranger "$reg/shop/billing@$wrongkey"
 denied=$(image thirdparty/tool:v1 "some tool")
 web1=$(image shop/web:v1 "web v1");              sign ci "$reg/shop/web@$web1"
+cachev1=$(image shop/cache:v1 "cache v1");       sign ci "$reg/shop/cache@$cachev1"
+rogue=$(image shop/rogue:v1 "rogue v1")
 printf '  %-28s %s\n' "shop/api:v1 (signed)" "$signed" "shop/worker:v1 (unsigned)" "$unsigned" \
-  "shop/billing:v1 (wrong key)" "$wrongkey" "thirdparty/tool:v1 (denied)" "$denied" "shop/web:v1 (pinned)" "$web1"
+  "shop/billing:v1 (wrong key)" "$wrongkey" "thirdparty/tool:v1 (denied)" "$denied" "shop/web:v1 (pinned)" "$web1" \
+  "shop/cache:v1 (pinned, signed)" "$cachev1" "shop/rogue:v1 (pinned, unsigned)" "$rogue"
 
 say "pulling through CRI"
 for r in shop/api:v1 shop/worker:v1 shop/billing:v1 thirdparty/tool:v1 shop/web:v1; do $crictl pull "$reg/$r" >/dev/null; done
@@ -119,6 +122,9 @@ $crictl images --digests
 cat > pins.txt <<PINS
 # tag pinned to the digest that was reviewed
 $reg/shop/web:v1@$web1
+# digests to have on the node before any pod asks (prefetch); the second is unsigned
+$reg/shop/cache@$cachev1
+$reg/shop/rogue@$rogue
 PINS
 cat > config.yaml <<YAML
 runtimeEndpoint: unix://$sock
@@ -137,10 +143,15 @@ policies:
     images: ["$reg/thirdparty/**"]
     deny: true
 pins: [pins.txt]
-prefetch: {enabled: false}
+prefetch: {enabled: true, concurrency: 2}
 kubernetes: {enabled: false}
 YAML
 say "config"; cat config.yaml
+
+say "pinwarden prefetch --config config.yaml (one-shot: verify each pinned digest, pull only the verified)"
+"$root/bin/pinwarden" prefetch --config config.yaml 2>&1 && rc=0 || rc=$?
+echo "exit status $rc (1: a pin was rejected; the unsigned digest was never pulled)"
+$crictl images --digests | grep -E 'shop/(cache|rogue)' || true
 
 say "running: pinwarden agent --config config.yaml"
 "$root/bin/pinwarden" agent --config config.yaml > agent.log 2>&1 & agent=$!; pids+=($agent)
@@ -154,7 +165,7 @@ say "pinwarden status"
 "$root/bin/pinwarden" status --addr "127.0.0.1:$statusport"
 
 say "key metrics"
-curl -sf "http://127.0.0.1:$metricsport/metrics" | grep -E '^pinwarden_(images|image_problems|drifted_images|runtime_up|verifications_total|tag_digest)' | grep -v ' 0$' || true
+curl -sf "http://127.0.0.1:$metricsport/metrics" | grep -E '^pinwarden_(images|image_problems|drifted_images|runtime_up|verifications_total|tag_digest|prefetch_total)' | grep -v ' 0$' || true
 
 say "agent log (last lines)"
 tail -n 12 agent.log
