@@ -230,15 +230,7 @@ func TestPolicyChangeRejudges(t *testing.T) {
 // nothing new as verified: an image pulled while the agent was down stays
 // pending.
 func TestRestartWithRegistryDown(t *testing.T) {
-	e := newEnv(t)
-	api, apiD := e.push("shop/api:v1", e.signer)
-	e.pull(api)
-	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
-	e.writeConfig(c, "")
-	a := e.startAgent(c)
-	if im := a.WaitVerdict(apiD, 15*time.Second); im.Verdict != "verified" {
-		t.Fatalf("before the restart: %+v", im)
-	}
+	e, c, a, apiD := startWithSignedImage(t)
 	stop(t, a)
 
 	fresh, freshD := e.push("shop/fresh:v1", e.signer) // signed, but nobody can check that now
@@ -274,13 +266,7 @@ func TestRestartWithRegistryDown(t *testing.T) {
 // Killing containerd flips pinwarden_runtime_up to 0 and back to 1 after it
 // restarts; an image pulled around the reconnect is judged.
 func TestContainerdRestart(t *testing.T) {
-	e := newEnv(t)
-	api, apiD := e.push("shop/api:v1", e.signer)
-	e.pull(api)
-	c := e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
-	e.writeConfig(c, "")
-	a := e.startAgent(c)
-	a.WaitVerdict(apiD, 15*time.Second)
+	e, c, a, _ := startWithSignedImage(t)
 
 	e.ctr.Kill()
 	harness.Eventually(t, 10*time.Second, "runtime_up 0", func() (bool, string) {
@@ -323,4 +309,20 @@ func httpGet(url string) (int, error) {
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, resp.Body)
 	return resp.StatusCode, nil
+}
+
+// startWithSignedImage is a node with one signed image, shop/api:v1, and an
+// agent that has verified it under the policy "shop".
+func startWithSignedImage(t *testing.T) (e *env, c *config, a *harness.Agent, digest string) {
+	t.Helper()
+	e = newEnv(t)
+	api, digest := e.push("shop/api:v1", e.signer)
+	e.pull(api)
+	c = e.newConfig(keyPolicy("shop", e.reg.Host+"/shop/**", e.signer))
+	e.writeConfig(c, "")
+	a = e.startAgent(c)
+	if im := a.WaitVerdict(digest, 15*time.Second); im.Verdict != "verified" {
+		t.Fatalf("the signed image at start: %+v", im)
+	}
+	return e, c, a, digest
 }
