@@ -83,9 +83,21 @@ func TestDerive(t *testing.T) {
 			want:    []Image{{Digest: "d1", ImageID: "id", Repos: []string{"a", "b"}, Tags: []string{"b:v1"}}},
 		},
 		{
-			name:    "no repo digest keys on the ID",
+			name:    "no repo digest, mid-pull: keys on the tag's target manifest",
 			img:     cri.Image{ID: "id", RepoTags: []string{"host:5000/r:v1"}},
 			targets: map[string]string{"host:5000/r:v1": "x"},
+			want:    []Image{{Digest: "x", ImageID: "id", Repos: []string{"host:5000/r"}, Tags: []string{"host:5000/r:v1"}}},
+		},
+		{
+			name:    "no repo digest: the ID record's manifest wins, a moved tag is left out",
+			img:     cri.Image{ID: "id", RepoTags: []string{"host:5000/r:v1", "host:5000/r:v2"}},
+			targets: map[string]string{"id": "x", "host:5000/r:v1": "x", "host:5000/r:v2": "y"},
+			want:    []Image{{Digest: "x", ImageID: "id", Repos: []string{"host:5000/r"}, Tags: []string{"host:5000/r:v1"}}},
+		},
+		{
+			name:    "no repo digest and no containerd record: keys on the ID",
+			img:     cri.Image{ID: "id", RepoTags: []string{"host:5000/r:v1"}},
+			targets: map[string]string{},
 			want:    []Image{{Digest: "id", ImageID: "id", Repos: []string{"host:5000/r"}, Tags: []string{"host:5000/r:v1"}}},
 		},
 	}

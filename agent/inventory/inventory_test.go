@@ -281,7 +281,10 @@ func TestEvents(t *testing.T) {
 	}
 }
 
-func TestImportedImageKeysOnID(t *testing.T) {
+// An image without a repo digest (imported, or caught in the middle of its
+// pull) is keyed on the manifest its containerd records target, never on
+// its image ID: a config digest would be verified, and fail, as a phantom.
+func TestImageWithoutRepoDigestKeysOnManifest(t *testing.T) {
 	t.Parallel()
 	f := inventorytest.NewFake()
 	f.Pull(repo+":v1", d("m1"), d("c1"), 1)
@@ -289,12 +292,15 @@ func TestImportedImageKeysOnID(t *testing.T) {
 	inv := inventory.New(f, nil)
 	start(t, inv)
 	eventually(t, 5*time.Second, "ready", inv.Ready)
-	im, ok := inv.Get(d("c1"))
-	if !ok || !slices.Equal(im.Tags, []string{repo + ":v1"}) || !slices.Equal(im.Repos, []string{repo}) {
-		t.Fatalf("Get(imageID) = %+v, %v", im, ok)
+	im, ok := inv.Get(d("m1"))
+	if !ok || im.ImageID != d("c1") || !slices.Equal(im.Tags, []string{repo + ":v1"}) || !slices.Equal(im.Repos, []string{repo}) {
+		t.Fatalf("Get(manifest) = %+v, %v", im, ok)
 	}
-	if dg, _ := inv.DigestForTag(repo + ":v1"); dg != d("c1") {
-		t.Errorf("DigestForTag = %s, want the image ID", dg)
+	if _, ok := inv.Get(d("c1")); ok {
+		t.Errorf("the image ID is an inventory entry of its own")
+	}
+	if dg, _ := inv.DigestForTag(repo + ":v1"); dg != d("m1") {
+		t.Errorf("DigestForTag = %s, want the manifest digest", dg)
 	}
 }
 

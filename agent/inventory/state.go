@@ -115,7 +115,8 @@ func hasName(img *cri.Image, name string) bool {
 	return img.ID == name || slices.Contains(img.RepoTags, name) || slices.Contains(img.RepoDigests, name)
 }
 
-// derive splits one CRI image into one entry per distinct repo digest. A tag
+// derive splits one CRI image into one entry per distinct repo digest (see
+// below for an image without one). A tag
 // goes to the digest its containerd record targets; without a record it goes
 // to the only digest; otherwise nowhere (the next event or relist settles
 // it). A tag never creates an entry outside the image's own
@@ -141,8 +142,25 @@ func derive(img cri.Image, targets map[string]string) []Image {
 		e.Repos = append(e.Repos, repo)
 	}
 	if len(order) == 0 {
-		e := add(img.ID)
+		// No repo digest: an image in the middle of its pull (CRI adds the
+		// repo@digest name last) or one imported with `ctr import`. Key it
+		// on the manifest its containerd records target, the digest that a
+		// signature names; the image ID (a config digest, which nothing
+		// signs) only when containerd has no record of it.
+		d := targets[img.ID]
 		for _, t := range img.RepoTags {
+			if d == "" {
+				d = targets[t]
+			}
+		}
+		if d == "" {
+			d = img.ID
+		}
+		e := add(d)
+		for _, t := range img.RepoTags {
+			if td, ok := targets[t]; ok && td != d {
+				continue // the tag has moved on; its own image will claim it
+			}
 			e.Tags = append(e.Tags, t)
 			e.Repos = append(e.Repos, repoOf(t))
 		}
