@@ -70,9 +70,14 @@ func LoadSettings(path string) (*Settings, error) {
 	return &Settings{Config: cfg, Policies: set, Pins: p}, nil
 }
 
-// NewVerifier builds the registry verifier from the config.
-func NewVerifier(cfg *config.Config, logger *slog.Logger) (*verify.Verifier, error) {
-	v, err := verify.New(verify.Options{Registries: cfg.Registries, Logger: logger})
+// NewVerifier builds the registry verifier from the config; tune adjusts
+// the options (e.g. the CLI lifts the per-host rate limit).
+func NewVerifier(cfg *config.Config, logger *slog.Logger, tune ...func(*verify.Options)) (*verify.Verifier, error) {
+	o := verify.Options{Registries: cfg.Registries, Logger: logger}
+	for _, f := range tune {
+		f(&o)
+	}
+	v, err := verify.New(o)
 	if err != nil {
 		return nil, fmt.Errorf("registry access: %w", err)
 	}

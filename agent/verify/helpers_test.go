@@ -326,6 +326,7 @@ func newTestVerifier(t testing.TB, tr *testRegistry, mod func(*Options)) *Verifi
 		Registries:     config.Registries{Insecure: []string{tr.host}},
 		RequestTimeout: 5 * time.Second,
 		RetryBackoff:   5 * time.Millisecond,
+		RegistryQPS:    -1, // benchmarks measure verification, not the rate limit
 	}
 	if mod != nil {
 		mod(&o)
