@@ -38,7 +38,7 @@ func TestRequestsPerColdVerification(t *testing.T) {
 	}
 	t.Logf("registry requests per cold verified verification: %d", ct.n.Load())
 
-	// An unsigned image: ping, .sig 404, referrers.
+	// An unsigned image in another repository: ping, .sig 404, referrers.
 	u := reg.pushImage(t, "count/unsigned")
 	ct.n.Store(0)
 	res = v.Verify(t.Context(), p, u.Context().Name(), u.DigestStr())
@@ -46,6 +46,17 @@ func TestRequestsPerColdVerification(t *testing.T) {
 		t.Fatalf("got %s/%s", res.Verdict, res.Reason)
 	}
 	t.Logf("registry requests per cold unsigned verification: %d", ct.n.Load())
+
+	// Another unsigned digest of that repository: the registry ping (and
+	// token) of the first is reused, so only the .sig and referrers lookups.
+	u2 := reg.pushImage(t, "count/unsigned")
+	ct.n.Store(0)
+	if res = v.Verify(t.Context(), p, u2.Context().Name(), u2.DigestStr()); res.Reason != verdict.ReasonNoSignature {
+		t.Fatalf("got %s/%s", res.Verdict, res.Reason)
+	}
+	if n := ct.n.Load(); n != 2 {
+		t.Fatalf("%d registry requests for a second digest of a known repository, want 2 (no ping)", n)
+	}
 }
 
 // BenchmarkVerifyColdKey: one full cold Verify (new registry client, ping,

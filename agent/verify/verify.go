@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -116,6 +117,32 @@ type Verifier struct {
 	insecure map[string]bool
 	rt       http.RoundTripper
 	log      *slog.Logger
+
+	mu         sync.Mutex // guards puller and pullerBorn
+	puller     *remote.Puller
+	pullerBorn time.Time
+}
+
+// pullerTTL bounds how long a shared Puller lives: it keeps one registry
+// client (ping result and token) per repository, and must not grow without
+// bound on a node that sees many repositories.
+const pullerTTL = 10 * time.Minute
+
+// sharedPuller returns the Puller that verifications share, so that a cold
+// verification in a repository already seen skips the registry ping: two
+// requests instead of three. A failed ping is not kept (ggcr drops it).
+func (v *Verifier) sharedPuller() (*remote.Puller, error) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.puller != nil && time.Since(v.pullerBorn) < pullerTTL {
+		return v.puller, nil
+	}
+	p, err := remote.NewPuller(v.remoteOptions(context.Background())...)
+	if err != nil {
+		return nil, fmt.Errorf("registry client: %w", err)
+	}
+	v.puller, v.pullerBorn = p, time.Now()
+	return p, nil
 }
 
 // New builds a Verifier. It reads the docker config file named in
@@ -257,9 +284,9 @@ func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest st
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
 	defer cancel()
-	puller, err := remote.NewPuller(v.remoteOptions(ctx)...)
+	puller, err := v.sharedPuller()
 	if err != nil {
-		return nil, fmt.Errorf("registry client: %w", err)
+		return nil, err
 	}
 	d := r.Digest(digest)
 	t := newTally(p)
