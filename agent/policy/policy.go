@@ -16,6 +16,8 @@ import (
 	"path"
 	"regexp"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pinwarden/pinwarden/agent/config"
@@ -95,7 +97,16 @@ type Policy struct {
 // Set is a compiled list of policies; first match wins. Safe for concurrent use.
 type Set struct {
 	Policies []*Policy
+
+	// matches memoizes Match per repository (repo -> *Policy, nil for none):
+	// a relist asks for every image again. Bounded by maxMemo; a new Set
+	// (reload) starts empty.
+	matches  sync.Map
+	memoSize atomic.Int64
 }
+
+// maxMemo bounds the repositories whose match a Set remembers.
+const maxMemo = 16384
 
 // Compile loads key files and the trusted root and compiles every policy of
 // cfg. Errors name the policy and the file at fault.
@@ -310,6 +321,19 @@ func (s *Set) Match(repo string) *Policy {
 	if s == nil {
 		return nil
 	}
+	if p, ok := s.matches.Load(repo); ok {
+		return p.(*Policy)
+	}
+	p := s.match(repo)
+	if s.memoSize.Load() < maxMemo {
+		if _, loaded := s.matches.LoadOrStore(repo, p); !loaded {
+			s.memoSize.Add(1)
+		}
+	}
+	return p
+}
+
+func (s *Set) match(repo string) *Policy {
 	segs := strings.Split(repo, "/")
 	for _, p := range s.Policies {
 		for _, g := range p.globs {
@@ -351,6 +375,9 @@ func matchSegments(glob, segs []string) bool {
 // policy. Otherwise it returns the policy to verify with and a nil Result.
 func (s *Set) Decide(repo string) (*Policy, *verdict.Result) {
 	p := s.Match(repo)
+	if p != nil && !p.Deny && !p.Ignore {
+		return p, nil
+	}
 	now := time.Now()
 	switch {
 	case p == nil:

@@ -255,6 +255,9 @@ func TestMatchAndDecide(t *testing.T) {
 		t.Run(tt.repo, func(t *testing.T) {
 			t.Parallel()
 			p, res := set.Decide(tt.repo)
+			if again, _ := set.Decide(tt.repo); again != p { // the second answer comes from the memo
+				t.Fatalf("memoized match %v differs from the first %v", again, p)
+			}
 			name := ""
 			if p != nil {
 				name = p.Name
@@ -279,5 +282,26 @@ func TestMatchAndDecide(t *testing.T) {
 	var nilSet *Set
 	if p := nilSet.Match("x/y"); p != nil {
 		t.Error("nil set matched")
+	}
+}
+
+// The match memo stays bounded however many repositories are asked about,
+// and repositories past the bound are still matched correctly.
+func TestMatchMemoIsBounded(t *testing.T) {
+	t.Parallel()
+	set, err := compileYAML(t, "policies:\n- name: hub\n  images: [\"docker.io/**\"]\n  deny: true\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range maxMemo + 100 {
+		if p := set.Match(fmt.Sprintf("docker.io/r/img-%d", i)); p == nil || p.Name != "hub" {
+			t.Fatalf("repository %d: %v", i, p)
+		}
+		if p := set.Match(fmt.Sprintf("quay.io/r/img-%d", i)); p != nil {
+			t.Fatalf("quay repository %d matched %s", i, p.Name)
+		}
+	}
+	if n := set.memoSize.Load(); n != maxMemo {
+		t.Fatalf("memo holds %d repositories, want the bound %d", n, maxMemo)
 	}
 }
