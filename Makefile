@@ -15,8 +15,8 @@ help: ## list the targets
 build: ## build the static binary bin/pinwarden
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/pinwarden
 
-test: build ## unit + integration tests with -race (real containerd 1.6 and 2.4, registries, cosign); needs root
-	PINWARDEN_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m ./...
+test: build ## unit + integration + e2e tests with -race (real containerd 1.6 and 2.4, registries, cosign); needs root. bench/ runs under make bench
+	PINWARDEN_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m $$($(GO) list ./... | grep -v '/bench$$')
 
 test-unit: ## fast tests only (no containerd)
 	$(GO) test -race -count=1 -short ./...
