@@ -299,6 +299,7 @@ func (c *Cache) load(db *bolt.DB) error {
 	now := c.now()
 	var drop [][]byte
 	loaded := map[key]entry{}
+	in := newInterner()
 	err := guard(func() error {
 		return db.Update(func(tx *bolt.Tx) error {
 			b, err := tx.CreateBucketIfNotExists(bucketName)
@@ -313,7 +314,7 @@ func (c *Cache) load(db *bolt.DB) error {
 					return nil
 				}
 				rec.Result.Source = verdict.SourceCache
-				rec.Result.Signers = slices.Clip(rec.Result.Signers)
+				in.result(&rec.Result)
 				loaded[key{rec.Result.Digest, rec.Result.Fingerprint}] = entry{rec.Result, rec.Expires}
 				return nil
 			})
@@ -336,6 +337,49 @@ func (c *Cache) load(db *bolt.DB) error {
 	c.mu.Unlock()
 	c.log.Info("verdict cache loaded", "entries", len(loaded), "pruned", len(drop))
 	return nil
+}
+
+// interner makes the entries of a load share their repeated strings: at
+// 10,000 entries under one policy, the policy name, fingerprint, verdict and
+// signer list would otherwise be held 10,000 times.
+type interner struct {
+	strs    map[string]string
+	signers map[string][]string
+}
+
+func newInterner() *interner {
+	return &interner{strs: map[string]string{}, signers: map[string][]string{}}
+}
+
+func (in *interner) str(s string) string {
+	if c, ok := in.strs[s]; ok {
+		return c
+	}
+	in.strs[s] = s
+	return s
+}
+
+// result interns r's shared fields in place. The Signers slice may be shared
+// between entries; it is clipped, and never modified (Get hands it out as is).
+func (in *interner) result(r *verdict.Result) {
+	r.Verdict = verdict.Verdict(in.str(string(r.Verdict)))
+	r.Reason = in.str(r.Reason)
+	r.Policy = in.str(r.Policy)
+	r.Fingerprint = in.str(r.Fingerprint)
+	r.Detail = in.str(r.Detail)
+	if len(r.Signers) == 0 {
+		return
+	}
+	k := strings.Join(r.Signers, "\x00")
+	if c, ok := in.signers[k]; ok {
+		r.Signers = c
+		return
+	}
+	for i, s := range r.Signers {
+		r.Signers[i] = in.str(s)
+	}
+	r.Signers = slices.Clip(r.Signers)
+	in.signers[k] = r.Signers
 }
 
 func (c *Cache) moveAside(cause error) error {

@@ -131,13 +131,22 @@ type Inventory struct {
 	backoffBase     time.Duration
 	backoffCap      time.Duration
 
-	// mu guards st, ready and up. Only the Run goroutine writes them, always
-	// under mu.Lock; it may read them without mu. Queries take mu.RLock.
-	// A full relist builds a new state and swaps the pointer.
+	// mu guards st, gen, ready and up. Only the Run goroutine writes them,
+	// always under mu.Lock; it may read them without mu. Queries take
+	// mu.RLock. A full relist builds a new state and swaps the pointer.
+	// Every change of st increments gen.
 	mu    sync.RWMutex
 	st    *state
+	gen   uint64
 	ready bool
 	up    bool
+
+	// viewMu guards view and viewGen: the sorted image list of state
+	// generation viewGen, built by View (under mu.RLock) and shared by its
+	// callers.
+	viewMu  sync.Mutex
+	view    []Image
+	viewGen uint64
 
 	// upKnown is touched only by the Run goroutine.
 	upKnown bool
@@ -196,6 +205,41 @@ func (inv *Inventory) Snapshot() []Image {
 		out = append(out, e.copyWith(inv.st.byContainer[d]))
 	}
 	slices.SortFunc(out, func(a, b Image) int { return cmp.Compare(a.Digest, b.Digest) })
+	return out
+}
+
+// View returns every image, sorted by digest, like Snapshot, but shared:
+// callers must not modify the result or its slices. It is rebuilt only
+// after the inventory changed, so an unchanged node costs nothing to
+// publish again.
+func (inv *Inventory) View() []Image {
+	inv.mu.RLock()
+	defer inv.mu.RUnlock()
+	inv.viewMu.Lock()
+	defer inv.viewMu.Unlock()
+	if inv.view != nil && inv.viewGen == inv.gen {
+		return inv.view
+	}
+	out := make([]Image, 0, len(inv.st.entries))
+	for d, e := range inv.st.entries {
+		e.Containers = inv.st.byContainer[d]
+		out = append(out, e)
+	}
+	slices.SortFunc(out, func(a, b Image) int { return cmp.Compare(a.Digest, b.Digest) })
+	inv.view, inv.viewGen = out, inv.gen
+	return out
+}
+
+// Digests returns the digest of every image, sorted: what Snapshot gives
+// without copying the images.
+func (inv *Inventory) Digests() []string {
+	inv.mu.RLock()
+	out := make([]string, 0, len(inv.st.entries))
+	for d := range inv.st.entries {
+		out = append(out, d)
+	}
+	inv.mu.RUnlock()
+	slices.Sort(out)
 	return out
 }
 

@@ -120,6 +120,13 @@ func TestInitialListAndModel(t *testing.T) {
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("Snapshot =\n%+v\nwant\n%+v", got, want)
 	}
+	var wantDigests []string
+	for _, img := range want {
+		wantDigests = append(wantDigests, img.Digest)
+	}
+	if ds := inv.Digests(); !slices.Equal(ds, wantDigests) {
+		t.Errorf("Digests = %v, want %v", ds, wantDigests)
+	}
 	if !inv.RuntimeUp() {
 		t.Error("RuntimeUp false after a successful list")
 	}
@@ -560,4 +567,38 @@ func TestOddNameDoesNotTakeRuntimeDown(t *testing.T) {
 	if got := rec.upHistory(); !slices.Equal(got, []bool{true}) {
 		t.Errorf("RuntimeUp calls = %v, want [true]", got)
 	}
+}
+
+// TestViewFollowsChanges: the shared View is rebuilt after every kind of
+// change (event, container relist, full relist) and always equals Snapshot;
+// a stale View would publish verdicts for the wrong images.
+func TestViewFollowsChanges(t *testing.T) {
+	t.Parallel()
+	f := inventorytest.NewFake()
+	f.Pull(repo+":v1", d("m1"), d("c1"), 1)
+	inv := inventory.New(f, nil, inventory.WithContainerResync(10*time.Millisecond), inventory.WithResyncInterval(time.Hour))
+	start(t, inv)
+	same := func() bool { return fmt.Sprint(inv.View()) == fmt.Sprint(inv.Snapshot()) }
+	eventually(t, 5*time.Second, "first list", func() bool { return len(inv.View()) == 1 && same() })
+
+	f.Pull(repo+":v2", d("m2"), d("c2"), 1) // an event
+	eventually(t, 5*time.Second, "the pulled image in View", func() bool { return len(inv.View()) == 2 && same() })
+
+	f.SetContainers([]cri.Container{{ID: "a", Name: "api", Image: repo + ":v2", ImageRef: d("c2"), ImageID: d("c2"), PodNamespace: "ns", PodName: "p"}})
+	eventually(t, 5*time.Second, "the container in View", func() bool {
+		v := inv.View()
+		return len(v) == 2 && len(v[slices.IndexFunc(v, func(i inventory.Image) bool { return i.Digest == d("m2") })].Containers) == 1 && same()
+	})
+
+	// A change only the periodic relist sees.
+	f2 := inventorytest.NewFake()
+	f2.Pull(repo+":v1", d("m1"), d("c1"), 1)
+	inv2 := inventory.New(f2, nil, inventory.WithResyncInterval(20*time.Millisecond))
+	start(t, inv2)
+	eventually(t, 5*time.Second, "first list", func() bool { return len(inv2.View()) == 1 })
+	f2.DropEvents(true)
+	f2.Pull(repo+":v2", d("m2"), d("c2"), 1)
+	eventually(t, 5*time.Second, "the relisted image in View", func() bool {
+		return len(inv2.View()) == 2 && fmt.Sprint(inv2.View()) == fmt.Sprint(inv2.Snapshot())
+	})
 }

@@ -213,6 +213,7 @@ func (inv *Inventory) relist(ctx context.Context, periodic bool) error {
 	inv.mu.Lock()
 	old := inv.st
 	inv.st = ns
+	inv.gen++
 	inv.ready = true
 	inv.mu.Unlock()
 
@@ -248,6 +249,7 @@ func (inv *Inventory) relistContainers(ctx context.Context) error {
 	inv.st.containers = containers
 	inv.st.byContainer = inv.st.joinContainers()
 	nw := inv.st.byContainer
+	inv.gen++
 	inv.mu.Unlock()
 	inv.notify(diffContainers(old, nw), true, false)
 	return nil
@@ -293,9 +295,13 @@ func (inv *Inventory) handleName(ctx context.Context, name string) (bool, error)
 
 	inv.mu.Lock()
 	st := inv.st
-	if target != "" {
+	inv.gen++
+	switch {
+	case isDigestName(name):
+		// derive reads repo@digest names from the CRI image itself.
+	case target != "":
 		st.targets[name] = target
-	} else {
+	default:
 		delete(st.targets, name)
 	}
 	var changed []string

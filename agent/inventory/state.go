@@ -12,12 +12,15 @@ import (
 // state is the joined view of the runtime. It is not safe for concurrent
 // mutation; see Inventory.mu.
 type state struct {
-	images     map[string]cri.Image // CRI images by image ID
-	targets    map[string]string    // containerd image name -> target digest
-	owner      map[string]string    // every CRI name (tag, repo@digest, ID) -> image ID
-	entries    map[string]Image     // by digest; Containers left empty
-	idDigests  map[string][]string  // image ID -> digests of its entries
-	byTag      map[string]string    // "repo:tag" -> digest
+	images map[string]cri.Image // CRI images by image ID
+	// targets maps containerd image names (tags and IDs; never
+	// "repo@digest", whose target is the digest in the name) to their
+	// target digest.
+	targets    map[string]string
+	owner      map[string]string   // every CRI name (tag, repo@digest, ID) -> image ID
+	entries    map[string]Image    // by digest; Containers left empty
+	idDigests  map[string][]string // image ID -> digests of its entries
+	byTag      map[string]string   // "repo:tag" -> digest
 	containers []cri.Container
 	// byContainer is derived from containers and entries.
 	byContainer map[string][]ContainerRef
@@ -26,7 +29,7 @@ type state struct {
 func newState(n int) *state {
 	return &state{
 		images:      make(map[string]cri.Image, n),
-		targets:     make(map[string]string, 3*n),
+		targets:     map[string]string{}, // buildState sets the full one
 		owner:       make(map[string]string, 3*n),
 		entries:     make(map[string]Image, n),
 		idDigests:   make(map[string][]string, n),
@@ -35,10 +38,10 @@ func newState(n int) *state {
 	}
 }
 
-// buildState builds a state from full lists.
+// buildState builds a state from full lists; it keeps (and trims) targets.
 func buildState(images []cri.Image, targets map[string]string, containers []cri.Container) *state {
 	st := newState(len(images))
-	st.targets = targets
+	st.targets = compactTargets(images, targets)
 	for i := range images {
 		st.setImage(images[i].ID, &images[i])
 	}
@@ -46,6 +49,32 @@ func buildState(images []cri.Image, targets map[string]string, containers []cri.
 	st.byContainer = st.joinContainers()
 	return st
 }
+
+// compactTargets trims targets in place to the names derive can look up
+// (every name but "repo@digest", about half of containerd's names), each
+// target digest sharing the string of the image's repo digest: at 10,000
+// images this keeps about 2 MB less of containerd's image list.
+func compactTargets(images []cri.Image, targets map[string]string) map[string]string {
+	digests := make(map[string]string, len(images))
+	for i := range images {
+		for _, rd := range images[i].RepoDigests {
+			if _, d, ok := strings.Cut(rd, "@"); ok {
+				digests[d] = d
+			}
+		}
+	}
+	for name, d := range targets { // in place: no second map of 10,000s of names
+		if isDigestName(name) {
+			delete(targets, name)
+		} else if c, ok := digests[d]; ok {
+			targets[name] = c
+		}
+	}
+	return targets
+}
+
+// isDigestName reports whether a containerd image name is "repo@digest".
+func isDigestName(name string) bool { return strings.Contains(name, "@") }
 
 // setImage replaces (img != nil) or removes (img == nil) the image id and
 // returns the digests whose entry changed.

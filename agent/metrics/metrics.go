@@ -10,7 +10,9 @@ package metrics
 
 import (
 	"runtime"
+	"slices"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,7 +64,7 @@ var knownTopics = map[string]bool{"/images/create": true, "/images/update": true
 type Metrics struct {
 	reg       *prometheus.Registry
 	maxSeries int
-	state     atomic.Pointer[State]
+	state     atomic.Pointer[published]
 
 	runtimeUp        prometheus.Gauge
 	runtimeEvents    *prometheus.CounterVec
@@ -151,15 +153,36 @@ func New(version string, maxProblemSeries int) *Metrics {
 		m.prefetch, m.prefetchDuration, m.prefetchPending, m.reloads, m.lastReloadOK, m.cacheWriteErrors, m.cacheCorrupt,
 		m.queueDropped, m.queueDepth, buildInfo, stateCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m.state.Store(&State{})
+	m.state.Store(&published{State: &State{}})
 	return m
+}
+
+// published is a published State with its problem series capped once, at
+// the first scrape that needs them: sorting 10,000 pending problems on every
+// scrape costs more than the scrape.
+type published struct {
+	*State
+	once     sync.Once
+	problems []Problem // at most maxSeries
+	dropped  int
+}
+
+func (p *published) capped(maxSeries int) ([]Problem, int) {
+	p.once.Do(func() {
+		p.problems = p.State.Problems
+		if len(p.problems) > maxSeries {
+			p.problems = capProblems(p.problems, maxSeries)
+			p.dropped = len(p.State.Problems) - maxSeries
+		}
+	})
+	return p.problems, p.dropped
 }
 
 // Registry is the registry to serve on /metrics.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
 // Publish replaces the state that the state-style metrics are computed from.
-func (m *Metrics) Publish(s *State) { m.state.Store(s) }
+func (m *Metrics) Publish(s *State) { m.state.Store(&published{State: s}) }
 
 // RuntimeUp records whether the runtime is connected.
 func (m *Metrics) RuntimeUp(up bool) { m.runtimeUp.Set(b2f(up)) }
@@ -257,12 +280,7 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(m.driftedDesc, prometheus.GaugeValue, float64(s.Drifted))
 
-	problems := s.Problems
-	dropped := 0
-	if len(problems) > m.maxSeries {
-		problems = capProblems(problems, m.maxSeries)
-		dropped = len(s.Problems) - m.maxSeries
-	}
+	problems, dropped := s.capped(m.maxSeries)
 	for _, p := range problems {
 		ch <- prometheus.MustNewConstMetric(m.problemsDesc, prometheus.GaugeValue, 1,
 			p.Image, p.Digest, p.Problem, p.Reason, boolLabel(p.Running))
@@ -283,17 +301,31 @@ func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 func capProblems(ps []Problem, n int) []Problem {
 	out := make([]Problem, len(ps))
 	copy(out, ps)
-	rank := map[string]int{ProblemDrifted: 0, ProblemUntrusted: 1, ProblemUnverified: 2, ProblemPending: 3}
 	sort.SliceStable(out, func(i, j int) bool {
 		if out[i].Running != out[j].Running {
 			return out[i].Running
 		}
-		if rank[out[i].Problem] != rank[out[j].Problem] {
-			return rank[out[i].Problem] < rank[out[j].Problem]
+		if ri, rj := problemRank(out[i].Problem), problemRank(out[j].Problem); ri != rj {
+			return ri < rj
 		}
 		return out[i].Image < out[j].Image
 	})
-	return out[:n]
+	return slices.Clone(out[:n]) // not the whole sorted copy
+}
+
+// problemRank orders problem kinds, most important first.
+func problemRank(p string) int {
+	switch p {
+	case ProblemDrifted:
+		return 0
+	case ProblemUntrusted:
+		return 1
+	case ProblemUnverified:
+		return 2
+	case ProblemPending:
+		return 3
+	}
+	return 0 // as the map lookup it replaces did for an unknown kind
 }
 
 func boolLabel(b bool) string {

@@ -7,6 +7,7 @@
 package queue
 
 import (
+	"container/heap"
 	"context"
 	"sync"
 	"time"
@@ -23,8 +24,14 @@ type Queue struct {
 	waiting    map[string]bool
 	processing map[string]bool
 	// again marks keys added while processing: re-queued on Done.
-	again    map[string]bool
-	timers   map[string]*time.Timer
+	again map[string]bool
+	// delays holds the keys of AddAfter by due time (a min-heap, indexed by
+	// key); one timer fires for the earliest. One runtime timer per key
+	// would cost ~300 bytes each: every verified digest waits here for its
+	// cache expiry.
+	delays   delayHeap
+	delayed  map[string]*delayItem
+	timer    *time.Timer // nil until the first AddAfter
 	shutdown bool
 	notify   chan struct{} // closed and replaced when keys arrive
 }
@@ -38,7 +45,7 @@ func New(capacity int, onDropped func()) *Queue {
 		waiting:    map[string]bool{},
 		processing: map[string]bool{},
 		again:      map[string]bool{},
-		timers:     map[string]*time.Timer{},
+		delayed:    map[string]*delayItem{},
 		notify:     make(chan struct{}),
 	}
 }
@@ -77,22 +84,101 @@ func (q *Queue) addLocked(key string) bool {
 }
 
 // AddAfter queues key after delay d (a retry). A later AddAfter for the same
-// key replaces the earlier timer; Add makes it due at once.
+// key replaces the earlier one; Add makes it due at once.
 func (q *Queue) AddAfter(key string, d time.Duration) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.shutdown {
 		return
 	}
-	if t, ok := q.timers[key]; ok {
-		t.Stop()
+	var first time.Time // due time the timer is armed for, zero if none
+	if len(q.delays) > 0 {
+		first = q.delays[0].due
 	}
-	q.timers[key] = time.AfterFunc(d, func() {
-		q.mu.Lock()
-		delete(q.timers, key)
+	due := time.Now().Add(d)
+	if it, ok := q.delayed[key]; ok {
+		it.due = due
+		heap.Fix(&q.delays, it.index)
+	} else {
+		it := &delayItem{key: key, due: due}
+		q.delayed[key] = it
+		heap.Push(&q.delays, it)
+	}
+	if !q.delays[0].due.Equal(first) {
+		q.armLocked() // the earliest due time changed
+	}
+}
+
+// armLocked sets the timer for the earliest delayed key.
+func (q *Queue) armLocked() {
+	if len(q.delays) == 0 {
+		if q.timer != nil {
+			q.timer.Stop()
+		}
+		return
+	}
+	d := time.Until(q.delays[0].due)
+	if q.timer == nil {
+		q.timer = time.AfterFunc(d, q.fire)
+		return
+	}
+	q.timer.Reset(d)
+}
+
+// fire queues every delayed key that is due and re-arms the timer.
+func (q *Queue) fire() {
+	q.mu.Lock()
+	if q.shutdown {
 		q.mu.Unlock()
-		q.Add(key)
-	})
+		return
+	}
+	now := time.Now()
+	dropped := 0
+	for len(q.delays) > 0 && !q.delays[0].due.After(now) {
+		it := heap.Pop(&q.delays).(*delayItem)
+		delete(q.delayed, it.key)
+		if !q.addLocked(it.key) {
+			dropped++
+		}
+	}
+	if len(q.delays) == 0 && len(q.delayed) == 0 {
+		q.delays, q.delayed = nil, map[string]*delayItem{} // let a drained burst's memory go
+	}
+	q.armLocked()
+	q.mu.Unlock()
+	if q.onDropped != nil {
+		for range dropped {
+			q.onDropped()
+		}
+	}
+}
+
+type delayItem struct {
+	key   string
+	due   time.Time
+	index int // in delayHeap
+}
+
+// delayHeap is a container/heap of delayed keys, earliest first.
+type delayHeap []*delayItem
+
+func (h delayHeap) Len() int           { return len(h) }
+func (h delayHeap) Less(i, j int) bool { return h[i].due.Before(h[j].due) }
+func (h delayHeap) Swap(i, j int) {
+	h[i], h[j] = h[j], h[i]
+	h[i].index, h[j].index = i, j
+}
+func (h *delayHeap) Push(x any) {
+	it := x.(*delayItem)
+	it.index = len(*h)
+	*h = append(*h, it)
+}
+func (h *delayHeap) Pop() any {
+	old := *h
+	it := old[len(old)-1]
+	old[len(old)-1] = nil
+	*h = old[:len(old)-1]
+	return it
 }
 
 // Get blocks until a key is available or ctx is done. The caller must call
@@ -154,9 +240,9 @@ func (q *Queue) ShutDown() {
 		return
 	}
 	q.shutdown = true
-	for k, t := range q.timers {
-		t.Stop()
-		delete(q.timers, k)
+	if q.timer != nil {
+		q.timer.Stop()
 	}
+	q.delays, q.delayed = nil, nil
 	close(q.notify)
 }

@@ -127,3 +127,44 @@ func TestConcurrentWorkersNeverShareAKey(t *testing.T) {
 		t.Fatal("nothing processed")
 	}
 }
+
+// TestAddAfterManyKeys: delayed keys share one timer; each becomes due at
+// its own time, in due order, whatever order they were added in, and an
+// earlier AddAfter for a key that waits already brings it forward.
+func TestAddAfterManyKeys(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		var dropped atomic.Int32
+		q := New(3, func() { dropped.Add(1) })
+		defer q.ShutDown()
+		q.AddAfter("c", 3*time.Second)
+		q.AddAfter("a", 1*time.Second)
+		q.AddAfter("b", 2*time.Second)
+		q.AddAfter("d", 10*time.Second)
+		q.AddAfter("d", 4*time.Second) // brought forward
+		q.AddAfter("e", 4*time.Second) // due with d; the queue is full by then
+		for i, want := range []string{"a", "b", "c"} {
+			time.Sleep(time.Second)
+			synctest.Wait()
+			if q.Len() != i+1 {
+				t.Fatalf("after %ds: len = %d, want %d", i+1, q.Len(), i+1)
+			}
+			q.mu.Lock()
+			got := q.order[i]
+			q.mu.Unlock()
+			if got != want {
+				t.Fatalf("after %ds: key %q due, want %q", i+1, got, want)
+			}
+		}
+		time.Sleep(time.Second)
+		synctest.Wait()
+		if q.Len() != 3 || dropped.Load() != 2 {
+			t.Fatalf("after 4s: len = %d, dropped = %d; want 3 and 2 (d and e into a full queue)", q.Len(), dropped.Load())
+		}
+		time.Sleep(time.Minute)
+		synctest.Wait()
+		if dropped.Load() != 2 {
+			t.Fatalf("d fired again from its replaced delay: dropped = %d", dropped.Load())
+		}
+	})
+}

@@ -3,6 +3,8 @@
 package status
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -52,11 +54,42 @@ func Handler(src Source) http.Handler {
 			imgs = []Image{}
 		}
 		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		_ = enc.Encode(imgs) // the client went away; nothing to do
+		_ = writeJSON(w, imgs) // the client went away; nothing to do
 	})
 	return mux
+}
+
+// writeJSON writes imgs exactly as a json.Encoder with SetIndent("", "  ")
+// would, one image at a time: encoding 10,000 images at once would build
+// the whole document in memory twice (encoding, then indenting), megabytes
+// of garbage per request.
+func writeJSON(w io.Writer, imgs []Image) error {
+	if len(imgs) == 0 {
+		_, err := io.WriteString(w, "[]\n")
+		return err
+	}
+	bw := bufio.NewWriterSize(w, 32<<10)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetIndent("  ", "  ")
+	bw.WriteString("[\n")
+	for i := range imgs {
+		buf.Reset()
+		if err := enc.Encode(&imgs[i]); err != nil {
+			return fmt.Errorf("encode image: %w", err)
+		}
+		bw.WriteString("  ")
+		bw.Write(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
+		if i < len(imgs)-1 {
+			bw.WriteString(",")
+		}
+		bw.WriteString("\n")
+	}
+	bw.WriteString("]\n")
+	if err := bw.Flush(); err != nil {
+		return fmt.Errorf("write images: %w", err)
+	}
+	return nil
 }
 
 // ErrUnreachable means the agent could not be reached.

@@ -2,6 +2,7 @@ package status
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"net"
 	"net/http"
@@ -84,6 +85,30 @@ func TestTableFits80Columns(t *testing.T) {
 	for _, want := range []string{"verified", "unverified", "aaaaaaaaaaaa", "drifted,no-signature"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// TestWriteJSONMatchesEncoder: the streamed /v1/images body is byte for
+// byte what encoding the whole list at once gives.
+func TestWriteJSONMatchesEncoder(t *testing.T) {
+	t.Parallel()
+	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
+	full := Image{Image: "r.io/a:1<&>", Tags: []string{"r.io/a:1<&>", "r.io/a:2"}, Digest: "sha256:aa", ImageID: "sha256:bb",
+		Verdict: verdict.Verified, Reason: "", Drifted: true, PinnedDigest: "sha256:cc", RunningContainers: 2,
+		Pods: []string{"ns/p"}, Signers: []string{"k"}, VerifiedAt: &at, Source: verdict.SourceCache, Policy: "p"}
+	for _, imgs := range [][]Image{{}, {full}, {full, {Image: "x", Tags: []string{}, Pods: []string{}, Signers: []string{}}, full}} {
+		var want, got bytes.Buffer
+		enc := json.NewEncoder(&want)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(imgs); err != nil {
+			t.Fatal(err)
+		}
+		if err := writeJSON(&got, imgs); err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != want.String() {
+			t.Errorf("%d images:\ngot\n%s\nwant\n%s", len(imgs), got.String(), want.String())
 		}
 	}
 }
