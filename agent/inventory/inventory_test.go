@@ -602,3 +602,33 @@ func TestViewFollowsChanges(t *testing.T) {
 		return len(inv2.View()) == 2 && fmt.Sprint(inv2.View()) == fmt.Sprint(inv2.Snapshot())
 	})
 }
+
+// A relist of images with one repo digest each never lists containerd's
+// image records (CRI's own list says where their tags point); images that
+// need targets get single lookups, and past maxTargetLookups one list.
+func TestRelistListsTargetsOnlyWhenNeeded(t *testing.T) {
+	t.Parallel()
+	f := inventorytest.NewFake()
+	for i := range 5 {
+		f.Pull(fmt.Sprintf("%s-%d:v1", repo, i), d(fmt.Sprintf("m%d", i)), d(fmt.Sprintf("c%d", i)), 1)
+	}
+	f.Pull(repo+":imported", d("mi"), d("ci"), 1)
+	f.Untag(repo + "@" + d("mi")) // no repo digest: needs its targets
+	inv := inventory.New(f, nil)
+	start(t, inv)
+	eventually(t, 5*time.Second, "ready", inv.Ready)
+	if n := f.Calls("ImageTargets"); n != 0 {
+		t.Errorf("%d full containerd image lists for images that need none", n)
+	}
+	if n := f.Calls("ImageTarget"); n != 2 { // the imported image's ID and tag
+		t.Errorf("%d single target lookups, want 2", n)
+	}
+	if dg, _ := inv.DigestForTag(repo + ":imported"); dg != d("mi") {
+		t.Errorf("imported tag -> %s, want its manifest", dg)
+	}
+	for i := range 5 {
+		if dg, _ := inv.DigestForTag(fmt.Sprintf("%s-%d:v1", repo, i)); dg != d(fmt.Sprintf("m%d", i)) {
+			t.Errorf("tag %d -> %s", i, dg)
+		}
+	}
+}

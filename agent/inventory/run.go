@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -194,18 +195,19 @@ func connectionLost(ctx context.Context, err error) bool {
 // relist replaces the whole state from full lists. periodic marks the
 // resync relist, whose differences are changes the events missed.
 func (inv *Inventory) relist(ctx context.Context, periodic bool) error {
-	// The three lists are independent calls; at 10k images containerd
-	// takes hundreds of milliseconds for each image list, so run them at once.
+	// The two lists are independent calls: run them at once.
 	var (
 		images     []cri.Image
-		targets    map[string]string
 		containers []cri.Container
 	)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() (err error) { images, err = inv.rt.ListImages(gctx); return err })
-	g.Go(func() (err error) { targets, err = inv.rt.ImageTargets(gctx); return err })
 	g.Go(func() (err error) { containers, err = inv.rt.ListContainers(gctx); return err })
 	if err := g.Wait(); err != nil {
+		return fmt.Errorf("relist: %w", err)
+	}
+	targets, err := inv.targetsFor(ctx, images)
+	if err != nil {
 		return fmt.Errorf("relist: %w", err)
 	}
 	ns := buildState(images, targets, containers)
@@ -233,6 +235,70 @@ func (inv *Inventory) relist(ctx context.Context, periodic bool) error {
 	inv.observer.Resynced(time.Now())
 	inv.notify(changed, len(contChanged) > 0 || !slices.Equal(old.containers, ns.containers), true)
 	return nil
+}
+
+// maxTargetLookups is where one full containerd image list becomes cheaper
+// than looking names up one by one.
+const maxTargetLookups = 256
+
+// targetsFor returns the containerd targets that derive needs for images:
+// the ID and tags of an image without a repo digest, the tags of an image
+// with several digests. An image with one repo digest needs none, CRI's own
+// list says where its tags point; that is nearly every image, so a relist
+// of 10,000 images does not decode containerd's 20,000 image records (at
+// 10k: ~0.5 s and ~40 MB of garbage).
+func (inv *Inventory) targetsFor(ctx context.Context, images []cri.Image) (map[string]string, error) {
+	var names []string
+	for i := range images {
+		names = append(names, neededTargets(&images[i])...)
+	}
+	if len(names) > maxTargetLookups {
+		return inv.rt.ImageTargets(ctx)
+	}
+	return inv.lookupTargets(ctx, names)
+}
+
+// neededTargets lists the containerd names whose target derive looks up for
+// im (see targetsFor).
+func neededTargets(im *cri.Image) []string {
+	switch {
+	case len(im.RepoDigests) == 0:
+		return append([]string{im.ID}, im.RepoTags...)
+	case len(im.RepoTags) > 0 && manyDigests(im.RepoDigests):
+		return im.RepoTags
+	}
+	return nil
+}
+
+// lookupTargets asks containerd for the target of each name; a name it does
+// not know is left out.
+func (inv *Inventory) lookupTargets(ctx context.Context, names []string) (map[string]string, error) {
+	out := make(map[string]string, len(names))
+	for _, n := range names {
+		d, err := inv.rt.ImageTarget(ctx, n)
+		switch {
+		case errors.Is(err, cri.ErrNotFound):
+		case err != nil:
+			return nil, err
+		default:
+			out[n] = d
+		}
+	}
+	return out, nil
+}
+
+// manyDigests reports whether repo@digest names carry more than one digest.
+func manyDigests(repoDigests []string) bool {
+	first := ""
+	for _, rd := range repoDigests {
+		_, d, _ := strings.Cut(rd, "@")
+		if first == "" {
+			first = d
+		} else if d != first {
+			return true
+		}
+	}
+	return false
 }
 
 // relistContainers refreshes only the running containers.
@@ -292,6 +358,25 @@ func (inv *Inventory) handleName(ctx context.Context, name string) (bool, error)
 			return false, err
 		}
 	}
+	// An image that now needs containerd targets (a second digest, or none)
+	// may carry names whose target no relist looked up.
+	var need []string
+	inv.mu.Lock()
+	for _, im := range append([]*cri.Image{img}, otherImgs...) {
+		if im == nil {
+			continue
+		}
+		for _, n := range neededTargets(im) {
+			if _, ok := inv.st.targets[n]; !ok && n != name {
+				need = append(need, n)
+			}
+		}
+	}
+	inv.mu.Unlock()
+	fetched, err := inv.lookupTargets(ctx, need)
+	if err != nil {
+		return false, err
+	}
 
 	inv.mu.Lock()
 	st := inv.st
@@ -303,6 +388,9 @@ func (inv *Inventory) handleName(ctx context.Context, name string) (bool, error)
 		st.targets[name] = target
 	default:
 		delete(st.targets, name)
+	}
+	for n, d := range fetched {
+		st.targets[n] = d
 	}
 	var changed []string
 	if img != nil {
