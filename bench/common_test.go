@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -23,7 +22,6 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/registry"
 
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/test/harness"
@@ -125,7 +123,7 @@ func (cr *countingRegistry) pinwardenPaths() []string {
 func startRegistry(t *testing.T) *countingRegistry {
 	t.Helper()
 	cr := &countingRegistry{}
-	reg := registry.New(registry.WithReferrersSupport(true), registry.Logger(log.New(io.Discard, "", 0)))
+	reg := harness.RegistryHandler()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		cr.all.Add(1)
 		if strings.HasPrefix(r.UserAgent(), "pinwarden") {

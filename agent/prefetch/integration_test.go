@@ -3,16 +3,12 @@ package prefetch_test
 import (
 	"context"
 	"fmt"
-	"io"
-	"log"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/registry"
 
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/judge"
@@ -42,7 +38,7 @@ type countingRegistry struct {
 func startCountingRegistry(t *testing.T, blobDelay time.Duration) *countingRegistry {
 	t.Helper()
 	cr := &countingRegistry{blobDelay: blobDelay, inflight: map[string]int{}}
-	reg := registry.New(registry.WithReferrersSupport(true), registry.Logger(log.New(io.Discard, "", 0)))
+	reg := harness.RegistryHandler()
 	cr.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		repo := repoOf(r.URL.Path)
 		if repo != "" {

@@ -27,10 +27,16 @@ const DistributionBin = "/usr/bin/docker-registry"
 // stops when the test ends.
 func StartRegistry(t testing.TB) string {
 	t.Helper()
-	h := registry.New(registry.WithReferrersSupport(true), registry.Logger(log.New(io.Discard, "", 0)))
-	srv := httptest.NewServer(h)
+	srv := httptest.NewServer(RegistryHandler())
 	t.Cleanup(srv.Close)
 	return strings.TrimPrefix(srv.URL, "http://")
+}
+
+// RegistryHandler is the in-process OCI registry (go-containerregistry,
+// with OCI referrers support, quiet) for tests that put their own
+// middleware in front of it: counting requests, taking it down.
+func RegistryHandler() http.Handler {
+	return registry.New(registry.WithReferrersSupport(true), registry.Logger(log.New(io.Discard, "", 0)))
 }
 
 // StartDistribution starts the Debian distribution registry on a free
