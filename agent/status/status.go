@@ -5,12 +5,14 @@ package status
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -123,7 +125,7 @@ func WriteTable(w io.Writer, imgs []Image) error {
 	const imageWidth, reasonWidth = 27, 20 // 10+2+27+2+12+2+3+2+20 = 80
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "VERDICT\tIMAGE\tDIGEST\tRUN\tREASON")
-	for _, im := range imgs {
+	for _, im := range worstFirst(imgs) {
 		reason := im.Reason
 		if im.Drifted {
 			reason = strings.TrimSuffix("drifted,"+reason, ",")
@@ -162,4 +164,31 @@ func truncate(s string, n int) string {
 		return s
 	}
 	return string(r[:n-1]) + "…"
+}
+
+// verdictRank orders verdicts for reading: the ones to act on first.
+var verdictRank = map[verdict.Verdict]int{
+	verdict.Untrusted: 0, verdict.Unverified: 1, verdict.Pending: 2, verdict.Verified: 3, verdict.Ignored: 4,
+}
+
+// worstFirst returns imgs sorted for a person: worst verdict first, drifted
+// before clean within a verdict, running before idle, then by image and digest.
+func worstFirst(imgs []Image) []Image {
+	out := slices.Clone(imgs)
+	slices.SortStableFunc(out, func(a, b Image) int {
+		return cmp.Or(
+			cmp.Compare(verdictRank[a.Verdict], verdictRank[b.Verdict]),
+			-cmp.Compare(boolInt(a.Drifted), boolInt(b.Drifted)),
+			-cmp.Compare(min(a.RunningContainers, 1), min(b.RunningContainers, 1)),
+			strings.Compare(a.Image, b.Image),
+			strings.Compare(a.Digest, b.Digest))
+	})
+	return out
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }

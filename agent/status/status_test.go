@@ -112,3 +112,35 @@ func TestWriteJSONMatchesEncoder(t *testing.T) {
 		}
 	}
 }
+
+// The table lists what to act on first: worst verdict, drifted before clean,
+// running before idle, then by image.
+func TestTableWorstFirst(t *testing.T) {
+	in := []Image{
+		{Image: "r/ok", Digest: "sha256:01", Verdict: verdict.Verified},
+		{Image: "r/ign", Digest: "sha256:02", Verdict: verdict.Ignored},
+		{Image: "r/wait", Digest: "sha256:03", Verdict: verdict.Pending, Reason: "queued"},
+		{Image: "r/b-idle", Digest: "sha256:04", Verdict: verdict.Unverified, Reason: "no-signature"},
+		{Image: "r/a-idle", Digest: "sha256:05", Verdict: verdict.Unverified, Reason: "no-signature"},
+		{Image: "r/z-running", Digest: "sha256:06", Verdict: verdict.Unverified, Reason: "no-signature", RunningContainers: 2},
+		{Image: "r/denied", Digest: "sha256:07", Verdict: verdict.Untrusted, Reason: "denied"},
+		{Image: "r/moved", Digest: "sha256:08", Verdict: verdict.Verified, Drifted: true},
+	}
+	want := []string{"r/denied", "r/z-running", "r/a-idle", "r/b-idle", "r/wait", "r/moved", "r/ok", "r/ign"}
+	var b strings.Builder
+	if err := WriteTable(&b, in); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(b.String()), "\n")[1:]
+	if len(lines) != len(want) {
+		t.Fatalf("%d rows, want %d:\n%s", len(lines), len(want), b.String())
+	}
+	for i, l := range lines {
+		if f := strings.Fields(l); f[1] != want[i] {
+			t.Errorf("row %d is %s, want %s\n%s", i, f[1], want[i], b.String())
+		}
+	}
+	if in[0].Image != "r/ok" {
+		t.Error("WriteTable reordered its input")
+	}
+}
