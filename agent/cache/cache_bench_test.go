@@ -8,17 +8,8 @@ import (
 // BenchmarkCacheHit guards the hit path that every runtime event and every
 // resync goes through: it must stay at or below 1 µs/op and allocate nothing.
 func BenchmarkCacheHit(b *testing.B) {
-	c, err := Open(b.Context(), PathIn(b.TempDir()))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = c.Close() }()
 	const n = 10000
-	digests := make([]string, n)
-	for i := range n {
-		c.Put(result(i, "fp"), time.Hour)
-		digests[i] = digest(i)
-	}
+	c, digests := filledCache(b, n)
 	b.ReportAllocs()
 	b.ResetTimer()
 	i := 0
@@ -32,17 +23,8 @@ func BenchmarkCacheHit(b *testing.B) {
 
 // BenchmarkCacheHitParallel is the hit path under concurrent readers (RWMutex).
 func BenchmarkCacheHitParallel(b *testing.B) {
-	c, err := Open(b.Context(), PathIn(b.TempDir()))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer func() { _ = c.Close() }()
 	const n = 1024
-	digests := make([]string, n)
-	for i := range n {
-		c.Put(result(i, "fp"), time.Hour)
-		digests[i] = digest(i)
-	}
+	c, digests := filledCache(b, n)
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
@@ -73,4 +55,21 @@ func BenchmarkCachePut(b *testing.B) {
 	if err := c.Close(); err != nil {
 		b.Fatal(err)
 	}
+}
+
+// filledCache opens a cache holding n verified entries under fingerprint
+// "fp" and returns it with their digests; it is closed when b ends.
+func filledCache(b *testing.B, n int) (*Cache, []string) {
+	b.Helper()
+	c, err := Open(b.Context(), PathIn(b.TempDir()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = c.Close() })
+	digests := make([]string, n)
+	for i := range n {
+		c.Put(result(i, "fp"), time.Hour)
+		digests[i] = digest(i)
+	}
+	return c, digests
 }

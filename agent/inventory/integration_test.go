@@ -74,9 +74,7 @@ func TestIntegrationMatchesCrictl(t *testing.T) {
 			// A tag that moved leaves its old digest untagged.
 			n.pushPull(t, n.reg+"/shop/api:v2")
 
-			inv := inventory.New(n.c, nil)
-			start(t, inv)
-			eventually(t, 10*time.Second, "ready", inv.Ready)
+			inv := n.readyInventory(t)
 
 			out, err := exec.CommandContext(t.Context(), crictlBin, "--runtime-endpoint", n.ctd.Endpoint(),
 				"--image-endpoint", n.ctd.Endpoint(), "images", "--digests", "-o", "json").Output()
@@ -153,9 +151,7 @@ func TestIntegrationPullLatency(t *testing.T) {
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			n := newNode(t, f)
-			inv := inventory.New(n.c, nil)
-			start(t, inv)
-			eventually(t, 10*time.Second, "ready", inv.Ready)
+			inv := n.readyInventory(t)
 			var lat []time.Duration
 			for i := range 5 {
 				ref := n.reg + "/lat/img:v" + string(rune('0'+i))
@@ -181,9 +177,7 @@ func TestIntegrationTagMove(t *testing.T) {
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			n := newNode(t, f)
-			inv := inventory.New(n.c, nil)
-			start(t, inv)
-			eventually(t, 10*time.Second, "ready", inv.Ready)
+			inv := n.readyInventory(t)
 			ref := n.reg + "/shop/api:v1"
 			d1, _ := n.pushPull(t, ref)
 			eventually(t, 5*time.Second, "first digest", func() bool { dg, _ := inv.DigestForTag(ref); return dg == d1 })
@@ -275,9 +269,7 @@ func TestIntegrationContainers(t *testing.T) {
 				running("c2", "same-a", n.reg+"/a/same:v1", idS, "x", "a-0"),
 				running("c3", "same-b", n.reg+"/b/same@"+dS2, idS, "x", "b-0"),
 			})
-			inv := inventory.New(n.c, nil)
-			start(t, inv)
-			eventually(t, 10*time.Second, "ready", inv.Ready)
+			inv := n.readyInventory(t)
 			want := map[string]string{dA: "shop/api-0", dS1: "x/a-0", dS2: "x/b-0"}
 			for dg, pod := range want {
 				cs := inv.ContainersUsing(dg)
@@ -296,9 +288,7 @@ func TestIntegrationRecoveryTime(t *testing.T) {
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			n := newNode(t, f)
-			inv := inventory.New(n.c, nil)
-			start(t, inv)
-			eventually(t, 10*time.Second, "ready", inv.Ready)
+			inv := n.readyInventory(t)
 			n.ctd.Kill()
 			eventually(t, 5*time.Second, "runtime down", func() bool { return !inv.RuntimeUp() })
 			time.Sleep(3 * time.Second) // a few failed attempts: the backoff has grown
@@ -309,4 +299,14 @@ func TestIntegrationRecoveryTime(t *testing.T) {
 			t.Logf("%s: containerd start %v; inventory up %v after restart (default backoff)", f.Name, started, time.Since(restarted))
 		})
 	}
+}
+
+// readyInventory runs an inventory on the node's runtime until the test ends
+// and waits for its first full list.
+func (n *node) readyInventory(t *testing.T) *inventory.Inventory {
+	t.Helper()
+	inv := inventory.New(n.c, nil)
+	start(t, inv)
+	eventually(t, 10*time.Second, "ready", inv.Ready)
+	return inv
 }
