@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"errors"
+	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"testing"
@@ -70,5 +73,36 @@ func change(v reflect.Value) {
 		v.Set(reflect.New(v.Type().Elem()))
 	default:
 		panic("change: kind " + v.Kind().String())
+	}
+}
+
+// TestVerifierKey: a reload rebuilds the registry client exactly when the
+// registries section or the docker config's content changed (a rotated pull
+// secret), and always after a start without the files.
+func TestVerifierKey(t *testing.T) {
+	t.Parallel()
+	dc := filepath.Join(t.TempDir(), "config.json")
+	if err := os.WriteFile(dc, []byte(`{"auths":{"reg.example":{"auth":"dTpw"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.Registries.DockerConfig = dc
+	k1 := verifierKey(cfg, nil)
+	if k1 == "" || verifierKey(cfg, nil) != k1 {
+		t.Fatal("key empty or unstable")
+	}
+	if verifierKey(cfg, errors.New("keys missing")) != "" {
+		t.Error("a start without the files has a key")
+	}
+	if err := os.WriteFile(dc, []byte(`{"auths":{"reg.example":{"auth":"dTpx"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	k2 := verifierKey(cfg, nil)
+	if k2 == k1 {
+		t.Error("docker config rotation kept the key")
+	}
+	cfg.Registries.Insecure = []string{"reg.example"}
+	if verifierKey(cfg, nil) == k2 {
+		t.Error("registries change kept the key")
 	}
 }
