@@ -85,17 +85,16 @@ func settingsFor(cfg *config.Config) (*Settings, error) {
 // (keys, trusted root, docker config, pins) are missing or unusable is not:
 // the agent starts with an Unavailable policy set, judges every image
 // pending, and loads the files when they appear. unusable says why.
-func startSettings(path string) (s *Settings, unusable, err error) {
+func startSettings(path string) (settings *Settings, unusable, err error) {
 	cfg, err := config.LoadStatic(path)
 	if err != nil {
 		return nil, nil, err
 	}
 	if unusable = cfg.Validate(); unusable == nil { // now with the files
-		s, err := settingsFor(cfg)
-		if err == nil {
-			return s, nil, nil
+		settings, unusable = settingsFor(cfg)
+		if unusable == nil {
+			return settings, nil, nil
 		}
-		unusable = err
 	} else {
 		unusable = fmt.Errorf("config %s: %w", path, unusable)
 	}
