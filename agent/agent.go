@@ -129,6 +129,20 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		return ConfigError{err}
 	}
 	cfg := s.Config
+	verifier, err := NewVerifier(cfg, logger.With("component", "verify"))
+	if err != nil {
+		// The docker config is missing or broken: no credentials until it
+		// loads, and nothing is verified meanwhile.
+		if unusable == nil {
+			unusable = err
+			s.Policies = policy.Unavailable(err)
+		}
+		anon := *cfg
+		anon.Registries.DockerConfig = ""
+		if verifier, err = NewVerifier(&anon, logger.With("component", "verify")); err != nil {
+			return ConfigError{err}
+		}
+	}
 	m := metrics.New(version, cfg.MaxProblemSeries)
 	if unusable == nil {
 		m.ConfigReload(true)
@@ -150,17 +164,6 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		vc.InvalidateExcept(fingerprints(s.Policies))
 	} // else: nothing is judged from the cache until the files load
 
-	verifier, err := NewVerifier(cfg, logger.With("component", "verify"))
-	if err != nil && unusable != nil {
-		// The docker config is one of the missing files: no credentials
-		// until it appears, and nothing is verified meanwhile anyway.
-		anon := *cfg
-		anon.Registries.DockerConfig = ""
-		verifier, err = NewVerifier(&anon, logger.With("component", "verify"))
-	}
-	if err != nil {
-		return ConfigError{err}
-	}
 	creds := &liveCredentials{}
 	creds.v.Store(verifier)
 	j := judge.New(s.Policies, verifier,

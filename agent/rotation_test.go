@@ -213,3 +213,56 @@ kubernetes:
 	keys.publish(t, map[string][]byte{"ci.pub": wrongPEM})
 	waitImage("unverified after the revocation", func(im status.Image) bool { return im.Verdict == verdict.Unverified })
 }
+
+// TestRunStartsWithBrokenDockerConfig: a broken pull-secret file is waited
+// for like a missing key: the agent starts and reports it, and the fixed
+// file is loaded (a new registry client) without a restart.
+func TestRunStartsWithBrokenDockerConfig(t *testing.T) {
+	t.Parallel()
+	ctd := harness.StartContainerd(t)
+	s := harness.NewSigner(t)
+	dir := t.TempDir()
+	creds := &secretVolume{dir: filepath.Join(dir, "pull")}
+	creds.publish(t, map[string][]byte{"config.json": []byte("{not json")})
+	metricsAddr := harness.FreeAddr(t)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	cfg := fmt.Sprintf("runtimeEndpoint: %s\nstateDir: %s\nmetricsAddress: %q\nstatusAddress: \"\"\n"+
+		"registries:\n  dockerConfig: pull/config.json\npolicies:\n- name: p\n  images: [\"**\"]\n  keys: [%q]\n"+
+		"prefetch:\n  enabled: false\nkubernetes:\n  enabled: false\n",
+		ctd.Endpoint(), filepath.Join(dir, "state"), metricsAddr, s.PubPath)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	}()
+	metric := func() string {
+		resp, err := http.Get("http://" + metricsAddr + "/metrics")
+		if err != nil {
+			return err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(l, "pinwarden_config_last_reload_success ") {
+				return l
+			}
+		}
+		return "no pinwarden_config_last_reload_success"
+	}
+	harness.Eventually(t, 60*time.Second, "the agent up, reporting the broken docker config", func() (bool, string) {
+		m := metric()
+		return m == "pinwarden_config_last_reload_success 0", m
+	})
+	creds.publish(t, map[string][]byte{"config.json": []byte(`{"auths":{}}`)})
+	harness.Eventually(t, 60*time.Second, "the fixed docker config loaded", func() (bool, string) {
+		m := metric()
+		return m == "pinwarden_config_last_reload_success 1", m
+	})
+}
