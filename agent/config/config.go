@@ -2,7 +2,8 @@
 //
 // Loading is strict: unknown keys, bad globs, missing key files, keyless
 // policies without an identity and invalid regular expressions are errors that
-// name the file, the key and the reason. Defaults follow the CONTRACT.
+// name the file, the key and the reason. Defaults follow the CONTRACT. Image
+// globs are normalized here the way image references are (NormalizeGlob).
 package config
 
 import (
@@ -409,9 +410,13 @@ func FileHash(path string) (string, error) {
 	return hex.EncodeToString(h[:]), nil
 }
 
-// hostRE is ParseReference's registry host grammar (agent/policy): DNS
+// hostRE is the registry host grammar of globs and image references: DNS
 // labels separated by dots, or a bracketed IPv6 literal, then an optional port.
 var hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
+
+// ValidRegistryHost reports whether h is a registry host (lowercase DNS
+// name or bracketed IPv6 literal, optional port), for globs and references.
+func ValidRegistryHost(h string) bool { return hostRE.MatchString(h) }
 
 // NormalizeGlob validates a repository glob and normalizes it the way image
 // references are normalized, so that it can match the fully qualified
