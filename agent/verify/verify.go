@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/pinwarden/pinwarden/agent/anchor"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
@@ -267,8 +268,10 @@ func checkPolicy(p *policy.Policy) error {
 		if id.Issuer == "" || (id.Subject == "" && id.SubjectRegExp == "") {
 			return fmt.Errorf("policy %q: keyless identity without issuer or subject", p.Name)
 		}
-		if id.SubjectRegExp != "" && (!strings.HasPrefix(id.SubjectRegExp, "^") || !strings.HasSuffix(id.SubjectRegExp, "$")) {
-			return fmt.Errorf("policy %q: identity regexp %q is not anchored", p.Name, id.SubjectRegExp)
+		if id.SubjectRegExp != "" {
+			if err := anchor.Check(id.SubjectRegExp); err != nil {
+				return fmt.Errorf("policy %q: identity regexp: %w", p.Name, err)
+			}
 		}
 	}
 	if len(p.Identities) > 0 && (!p.RequireTlog || p.TrustedRoot == nil) {
