@@ -611,3 +611,47 @@ func TestSignerIsTheMatchingSAN(t *testing.T) {
 		})
 	}
 }
+
+// Hole 4: requests to the hosts a registry redirects to are charged to that
+// registry's rate limiter: a redirect storm adds no limiter.
+func TestRedirectTargetsShareTheRegistryLimiter(t *testing.T) {
+	t.Parallel()
+	reg, storage := newTestRegistry(t, true), newTestRegistry(t, true)
+	d := reg.pushImage(t, "hostile/storm")
+	k := newTestKey(t, "ecdsa-p256")
+	reg.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if strings.HasSuffix(r.URL.Path, ".sig") {
+			http.Redirect(w, r, "http://"+storage.host+r.URL.Path, http.StatusTemporaryRedirect)
+			return true
+		}
+		return false
+	})
+	v := newTestVerifier(t, reg, func(o *Options) {
+		o.Registries.Insecure = append(o.Registries.Insecure, storage.host)
+		o.RegistryQPS, o.RegistryBurst = 1000, 100
+	})
+	res := v.Verify(t.Context(), policyFor(t, keysYAML("", 0, false, k)), d.Context().Name(), d.DigestStr())
+	if storage.requests.Load() == 0 {
+		t.Fatalf("the redirect was not followed (%s/%s: %s)", res.Verdict, res.Reason, res.Detail)
+	}
+	if n := v.rt.(*guardTransport).limits.len(); n != 1 {
+		t.Fatalf("%d rate limiters after one verification redirected to another host, want 1 (the registry's)", n)
+	}
+}
+
+func TestRedactURLs(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ in, want string }{
+		{`Get "https://bucket.s3.example/blob?X-Amz-Signature=abc&X-Amz-Credential=AKIA": EOF`, `Get "https://bucket.s3.example/blob?REDACTED": EOF`},
+		{`Get "https://user:pass@host.example:8443/v2/x": refused`, `Get "https://host.example:8443/v2/x": refused`},
+		{`Get "https://user:***@host.example/p?q=1#frag": x`, `Get "https://host.example/p?REDACTED": x`},
+		{`GET https://host.example/v2/r/manifests/sha256-ab.sig: unexpected status code 403`, `GET https://host.example/v2/r/manifests/sha256-ab.sig: unexpected status code 403`},
+		{`two: http://a.example/?t=1 and https://u@b.example?x=2`, `two: http://a.example/?REDACTED and https://b.example?REDACTED`},
+		{`no url here: token=abc`, `no url here: token=abc`},
+	}
+	for _, tt := range tests {
+		if got := redactURLs(tt.in); got != tt.want {
+			t.Errorf("redactURLs(%q)\n got %q\nwant %q", tt.in, got, tt.want)
+		}
+	}
+}
