@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -571,4 +572,38 @@ func TestJudgeConcurrentPolicySwap(t *testing.T) {
 		}
 	})
 	wg.Wait()
+}
+
+// TestJudgeSetVerifier: a reload with new registry credentials swaps the
+// verifier; the next uncached judgement uses the new one.
+func TestJudgeSetVerifier(t *testing.T) {
+	t.Parallel()
+	set := compile(t, writeKey(t, t.TempDir(), "ci.pub"))
+	old := &fakeVerifier{result: returns(verdict.Pending, verdict.ReasonRegistryError)}
+	cur := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(set, old)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending {
+		t.Fatalf("old verifier: %s", r.Verdict)
+	}
+	j.SetVerifier(cur)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Verified {
+		t.Fatalf("new verifier: %s", r.Verdict)
+	}
+	if old.Calls() != 1 || cur.Calls() != 1 {
+		t.Errorf("calls old %d new %d, want 1 and 1", old.Calls(), cur.Calls())
+	}
+}
+
+// TestJudgeUnavailablePolicies: while the config's files are missing every
+// digest is pending and the verifier is never asked.
+func TestJudgeUnavailablePolicies(t *testing.T) {
+	t.Parallel()
+	v := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(policy.Unavailable(errors.New("key missing")), v)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending || r.Digest != digestA {
+		t.Fatalf("got %+v", r)
+	}
+	if v.Calls() != 0 {
+		t.Error("verifier asked without policies")
+	}
 }
