@@ -255,6 +255,7 @@ func TestJudgeVerifiesAndCaches(t *testing.T) {
 	}{
 		{"verified is cached", verdict.Result{Verdict: verdict.Verified, Signers: []string{"sha256:k1"}}, true},
 		{"unverified is cached", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature}, true},
+		{"unverified too-large is cached (issue 10: a hostile .sig is judged once)", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonTooLarge}, true},
 		{"untrusted from verifier is cached", verdict.Result{Verdict: verdict.Untrusted, Reason: verdict.ReasonDenied}, true},
 		{"pending registry error is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryError}, false},
 		{"pending registry unreachable is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryUnreachable}, false},
