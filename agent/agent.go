@@ -32,6 +32,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/reload"
 	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/cri"
 )
@@ -228,7 +229,7 @@ func (a *agent) reload() {
 		a.metrics.ConfigReload(false)
 		a.log.Error("config reload refused; the last good config and pins stay in force", "err", err)
 		if a.report != nil {
-			a.report.Event(corev1.EventTypeWarning, report.ReasonConfigInvalid,
+			a.report.Event(corev1.EventTypeWarning, verdict.EventConfigInvalid,
 				"config reload refused, the last good config stays in force: "+err.Error())
 		}
 		return
@@ -251,7 +252,7 @@ func (a *agent) reload() {
 	// Re-judge every digest, not only those judged under a vanished
 	// fingerprint: a new policy can take over a repository whose old policy
 	// still exists. Unchanged policies answer from the cache.
-	a.loop.Rejudge(nil)
+	a.loop.Rejudge()
 	if err := a.watcher.Set(a.watchedFiles()); err != nil {
 		a.log.Warn("watching the new pin files", "err", err)
 	}
