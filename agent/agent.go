@@ -37,6 +37,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/reload"
 	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/cri"
 )
@@ -303,7 +304,7 @@ func (a *agent) refused(err error) {
 	}
 	a.log.Error(msg, "err", err)
 	if a.report != nil {
-		a.report.Event(corev1.EventTypeWarning, report.ReasonConfigInvalid, msg+": "+err.Error())
+		a.report.Event(corev1.EventTypeWarning, verdict.EventConfigInvalid, msg+": "+err.Error())
 	}
 }
 
@@ -353,7 +354,7 @@ func (a *agent) reload() {
 	// Re-judge every digest, not only those judged under a vanished
 	// fingerprint: a new policy can take over a repository whose old policy
 	// still exists. Unchanged policies answer from the cache.
-	a.loop.Rejudge(nil)
+	a.loop.Rejudge()
 	a.log.Info("config reloaded", "policies", len(s.Config.Policies), "pins", len(s.Pins), "invalidatedVerdicts", dropped)
 }
 
