@@ -247,7 +247,10 @@ func validFile(t *testing.T, path string, n int) []byte {
 func TestCorruptFileMovedAside(t *testing.T) {
 	t.Parallel()
 	rnd := rand.New(rand.NewPCG(1, 2))
+	var rndMu sync.Mutex // the subtests run in parallel; rand.Rand is not safe for that
 	random := func(n int) []byte {
+		rndMu.Lock()
+		defer rndMu.Unlock()
 		b := make([]byte, n)
 		for i := range b {
 			b[i] = byte(rnd.Uint32())
