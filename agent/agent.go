@@ -42,6 +42,14 @@ import (
 	"github.com/pinwarden/pinwarden/cri"
 )
 
+// The metrics count what the inventory and the cache report beyond their
+// required observer methods.
+var (
+	_ inventory.RepairObserver = (*metrics.Metrics)(nil)
+	_ cache.HitObserver        = (*metrics.Metrics)(nil)
+	_ cache.CorruptObserver    = (*metrics.Metrics)(nil)
+)
+
 // ConfigError is a config or pin file that cannot be used at start-up.
 type ConfigError struct{ Err error }
 

@@ -212,7 +212,7 @@ func startAgent(t *testing.T, cfg agentConfig, cfgPath string) *agentProc {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(pinwardenBin(t), "agent", "--config", cfgPath) //nolint:gosec // the binary under test
+	cmd := exec.Command(pinwardenBin(t), "agent", "--config", cfgPath)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if len(cfg.env) > 0 {

@@ -115,7 +115,7 @@ func TestPrefetchVsCrictl(t *testing.T) {
 		for _, p := range f.pins {
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 			out, err := exec.CommandContext(ctx, crictlPath, "--runtime-endpoint", ctdB.Endpoint(), "--image-endpoint", ctdB.Endpoint(),
-				"pull", p.Ref()).CombinedOutput() //nolint:gosec // the benchmark runs a known binary
+				"pull", p.Ref()).CombinedOutput()
 			cancel()
 			if err != nil {
 				t.Fatalf("crictl pull %s: %v\n%s", p.Ref(), err, out)

@@ -45,7 +45,7 @@ func TestDerive(t *testing.T) {
 			name:    "one digest, tag without record",
 			img:     cri.Image{ID: "id", RepoTags: []string{"r:v1"}, RepoDigests: []string{"r@d1"}, Size: 5},
 			targets: map[string]string{},
-			want:    []Image{{Digest: "d1", ImageID: "id", Repos: []string{"r"}, Tags: []string{"r:v1"}, Size: 5}},
+			want:    []Image{{Digest: "d1", ImageID: "id", Repos: []string{"r"}, Tags: []string{"r:v1"}}},
 		},
 		{
 			name:    "one digest, tag record targets another digest",
@@ -146,5 +146,24 @@ func BenchmarkBuildState10k(b *testing.B) {
 		if len(st.entries) != 10000 {
 			b.Fatal(len(st.entries))
 		}
+	}
+}
+
+// TestPinLabelOrSizeChangeIsNoChange: the GC-pin label (prefetch.pinGC) and
+// the size are not part of an image's entry, so labelling a prefetched image
+// against kubelet's GC does not wake the loop for its digest.
+func TestPinLabelOrSizeChangeIsNoChange(t *testing.T) {
+	t.Parallel()
+	img := cri.Image{ID: "id", RepoTags: []string{"r:v1"}, RepoDigests: []string{"r@d1"}, Size: 5}
+	st := buildState([]cri.Image{img}, map[string]string{}, nil)
+	pinned := img
+	pinned.Pinned, pinned.Size = true, 6
+	if changed := st.setImage("id", &pinned); len(changed) != 0 {
+		t.Errorf("a pin label or size change reported digests %v as changed, want none", changed)
+	}
+	retagged := pinned
+	retagged.RepoTags = []string{"r:v1", "r:v2"}
+	if changed := st.setImage("id", &retagged); !slices.Equal(changed, []string{"d1"}) {
+		t.Errorf("a new tag reported %v as changed, want [d1]", changed)
 	}
 }

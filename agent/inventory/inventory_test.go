@@ -111,9 +111,9 @@ func TestInitialListAndModel(t *testing.T) {
 	eventually(t, 5*time.Second, "ready", inv.Ready)
 
 	want := []inventory.Image{
-		{Digest: d("m1"), ImageID: d("c1"), Repos: []string{repo}, Tags: []string{repo + ":v1"}, Size: 100},
-		{Digest: d("m2"), ImageID: d("c2"), Repos: []string{repo}, Tags: []string{repo + ":v2"}, Size: 200},
-		{Digest: d("m3"), ImageID: d("c3"), Repos: []string{"registry.test:5000/other"}, Size: 300},
+		{Digest: d("m1"), ImageID: d("c1"), Repos: []string{repo}, Tags: []string{repo + ":v1"}},
+		{Digest: d("m2"), ImageID: d("c2"), Repos: []string{repo}, Tags: []string{repo + ":v2"}},
+		{Digest: d("m3"), ImageID: d("c3"), Repos: []string{"registry.test:5000/other"}},
 	}
 	slices.SortFunc(want, func(a, b inventory.Image) int { return cmpStr(a.Digest, b.Digest) })
 	got := inv.Snapshot()

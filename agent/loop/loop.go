@@ -1,6 +1,8 @@
 // Package loop is the agent's node loop: it turns changes of the node's
-// inventory and of the policy into verdicts for every image digest, detects
-// drift of pinned tags, and publishes the result to metrics and the status API.
+// inventory, of the policy and of the pins into verdicts for every image
+// digest, and publishes the node's state (agent/nodestate, built in
+// state.go), from which metrics, the status API and the reporter derive
+// their views.
 //
 // Work is keyed by digest in a coalescing, bounded queue served by a fixed
 // pool of workers. Verdicts the cache already holds cost no network; pending

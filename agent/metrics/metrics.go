@@ -31,10 +31,10 @@ const namespace = "pinwarden"
 // Problem kinds, the values of the `problem` label: the problem verdicts,
 // and drifted.
 const (
-	ProblemUnverified = string(verdict.Unverified)
-	ProblemUntrusted  = string(verdict.Untrusted)
-	ProblemPending    = string(verdict.Pending)
-	ProblemDrifted    = "drifted"
+	problemUnverified = string(verdict.Unverified)
+	problemUntrusted  = string(verdict.Untrusted)
+	problemPending    = string(verdict.Pending)
+	problemDrifted    = "drifted"
 )
 
 // problem is one series of pinwarden_image_problems.
@@ -83,7 +83,7 @@ func viewOf(s *nodestate.State) *view {
 			if p.Drifted(im.Digest) {
 				v.drifted++
 				v.problems = append(v.problems, problem{image: p.Tag, digest: im.Digest,
-					problem: ProblemDrifted, reason: verdict.ReasonPinMismatch, running: running})
+					problem: problemDrifted, reason: verdict.ReasonPinMismatch, running: running})
 			}
 		}
 	}
@@ -112,6 +112,8 @@ type Metrics struct {
 	lastReloadOK     prometheus.Gauge
 	cacheWriteErrors prometheus.Counter
 	cacheCorrupt     prometheus.Counter
+	cacheLookups     *prometheus.CounterVec
+	repairs          prometheus.Counter
 	queueDropped     prometheus.Counter
 	queueDepth       prometheus.Gauge
 
@@ -151,6 +153,10 @@ func New(version string, maxProblemSeries int) *Metrics {
 		Help: "Failed writes to the on-disk verdict cache (verdicts are still kept in memory)."})
 	m.cacheCorrupt = prometheus.NewCounter(prometheus.CounterOpts{Name: f("cache_corrupt_total"),
 		Help: "Cache files found corrupt, moved aside and rebuilt."})
+	m.cacheLookups = prometheus.NewCounterVec(prometheus.CounterOpts{Name: f("cache_lookups_total"),
+		Help: "Lookups of the verdict cache, by result: hit (a current verdict) or miss."}, []string{"result"})
+	m.repairs = prometheus.NewCounter(prometheus.CounterOpts{Name: f("inventory_repairs_total"),
+		Help: "Image digests a periodic relist found changed although no runtime event said so (lost events)."})
 	m.queueDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_dropped_total"),
 		Help: "Digests dropped because the verification queue was full (the next relist re-queues them)."})
 	m.queueDepth = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("queue_depth"),
@@ -182,9 +188,12 @@ func New(version string, maxProblemSeries int) *Metrics {
 	for _, r := range []string{"success", "failure"} {
 		m.reloads.WithLabelValues(r)
 	}
+	for _, r := range []string{"hit", "miss"} {
+		m.cacheLookups.WithLabelValues(r)
+	}
 	m.reg.MustRegister(m.runtimeUp, m.runtimeEvents, m.resyncs, m.lastResync, m.verifications, m.verifyDuration,
 		m.prefetch, m.prefetchDuration, m.prefetchPending, m.reloads, m.lastReloadOK, m.cacheWriteErrors, m.cacheCorrupt,
-		m.queueDropped, m.queueDepth, buildInfo, stateCollector{m},
+		m.cacheLookups, m.repairs, m.queueDropped, m.queueDepth, buildInfo, stateCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Publish(&nodestate.State{})
 	return m
@@ -283,6 +292,16 @@ func (m *Metrics) CacheWriteError() { m.cacheWriteErrors.Inc() }
 // CacheCorrupt counts a corrupt cache file moved aside.
 func (m *Metrics) CacheCorrupt() { m.cacheCorrupt.Inc() }
 
+// CacheHit counts a lookup that the verdict cache answered.
+func (m *Metrics) CacheHit() { m.cacheLookups.WithLabelValues("hit").Inc() }
+
+// CacheMiss counts a lookup that the verdict cache could not answer.
+func (m *Metrics) CacheMiss() { m.cacheLookups.WithLabelValues("miss").Inc() }
+
+// RelistRepaired counts digests that a periodic relist found changed
+// although no event said so.
+func (m *Metrics) RelistRepaired(digests int) { m.repairs.Add(float64(digests)) }
+
 // QueueDropped counts a digest dropped from a full queue.
 func (m *Metrics) QueueDropped() { m.queueDropped.Inc() }
 
@@ -346,7 +365,7 @@ func capProblems(ps []problem, n int) []problem {
 // problemSeverity ranks a problem kind: drifted above every verdict, the
 // verdicts by verdict.Severity.
 func problemSeverity(p string) int {
-	if p == ProblemDrifted {
+	if p == problemDrifted {
 		return math.MaxInt
 	}
 	return verdict.Severity(verdict.Verdict(p))

@@ -74,7 +74,15 @@ func TestEventMetrics(t *testing.T) {
 	m.Verification(verdict.Result{Verdict: verdict.Unverified, Source: verdict.SourceCache}, 0)
 	m.ConfigReload(false)
 	m.Resynced(time.Unix(1700000000, 0))
+	m.CacheHit()
+	m.CacheHit()
+	m.CacheMiss()
+	m.RelistRepaired(3)
+	m.RelistRepaired(2)
 	checks := map[string]float64{
+		`pinwarden_cache_lookups_total{result="hit"}`:                        2,
+		`pinwarden_cache_lookups_total{result="miss"}`:                       1,
+		`pinwarden_inventory_repairs_total`:                                  5,
 		`pinwarden_runtime_events_total{topic="/images/create"}`:             1,
 		`pinwarden_runtime_events_total{topic="other"}`:                      1,
 		`pinwarden_verifications_total{result="verified",source="registry"}`: 1,
@@ -156,16 +164,16 @@ func TestViewOfNodeState(t *testing.T) {
 			img: nodestate.Image{Name: "r.io/a:v1", Tags: []string{"r.io/a:v1"}, Digest: dg(1), Result: res(verdict.Verified, "")}},
 		{name: "pending",
 			img:          nodestate.Image{Name: "r.io/b", Digest: dg(2), Result: res(verdict.Pending, verdict.ReasonQueued)},
-			wantProblems: []problem{{image: "r.io/b", digest: dg(2), problem: ProblemPending, reason: verdict.ReasonQueued}}},
+			wantProblems: []problem{{image: "r.io/b", digest: dg(2), problem: problemPending, reason: verdict.ReasonQueued}}},
 		{name: "untrusted and running: every tag has a series",
 			img: nodestate.Image{Name: "r.io/c:v1", Tags: []string{"r.io/c:v1", "r.io/c:latest"}, Digest: dg(3),
 				Result: res(verdict.Untrusted, verdict.ReasonNoPolicy), Running: 4},
-			wantProblems: []problem{{image: "r.io/c:v1", digest: dg(3), problem: ProblemUntrusted, reason: verdict.ReasonNoPolicy, running: true}},
+			wantProblems: []problem{{image: "r.io/c:v1", digest: dg(3), problem: problemUntrusted, reason: verdict.ReasonNoPolicy, running: true}},
 			wantTags:     []tagDigest{{"r.io/c:v1", dg(3)}, {"r.io/c:latest", dg(3)}}},
 		{name: "a drifted pinned tag beside an unpinned one",
 			img: nodestate.Image{Name: "r.io/d:v1", Tags: []string{"r.io/d:v1", "r.io/d:v2"}, Digest: dg(4),
 				Result: res(verdict.Verified, ""), Pins: []nodestate.TagPin{{Tag: "r.io/d:v2", Digest: dg(44)}}},
-			wantProblems: []problem{{image: "r.io/d:v2", digest: dg(4), problem: ProblemDrifted, reason: verdict.ReasonPinMismatch}},
+			wantProblems: []problem{{image: "r.io/d:v2", digest: dg(4), problem: problemDrifted, reason: verdict.ReasonPinMismatch}},
 			wantTags:     []tagDigest{{"r.io/d:v2", dg(4)}},
 			wantDrifted:  1},
 		{name: "pinned and matching: a tag series, no problem",
@@ -195,12 +203,12 @@ func TestViewOfNodeState(t *testing.T) {
 func TestCapProblemsOrder(t *testing.T) {
 	t.Parallel()
 	in := []problem{
-		{image: "p", problem: ProblemPending},
-		{image: "u", problem: ProblemUnverified},
-		{image: "b", problem: ProblemUntrusted},
-		{image: "a", problem: ProblemUntrusted},
-		{image: "d", problem: ProblemDrifted},
-		{image: "z", problem: ProblemPending, running: true},
+		{image: "p", problem: problemPending},
+		{image: "u", problem: problemUnverified},
+		{image: "b", problem: problemUntrusted},
+		{image: "a", problem: problemUntrusted},
+		{image: "d", problem: problemDrifted},
+		{image: "z", problem: problemPending, running: true},
 	}
 	var got []string
 	for _, p := range capProblems(in, len(in)) {

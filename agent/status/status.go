@@ -40,8 +40,8 @@ type Image struct {
 	Policy            string          `json:"policy,omitempty"`
 }
 
-// FromNode is the status view of one image of the node state.
-func FromNode(im *nodestate.Image) Image {
+// fromNode is the status view of one image of the node state.
+func fromNode(im *nodestate.Image) Image {
 	out := Image{
 		Image: im.Name, Tags: nonNil(im.Tags), Digest: im.Digest, ImageID: im.ImageID,
 		Verdict: im.Result.Verdict, Reason: im.Result.Reason, Drifted: im.Drifted(), PinnedDigest: im.PinnedDigest(),
@@ -54,11 +54,11 @@ func FromNode(im *nodestate.Image) Image {
 	return out
 }
 
-// FromState is the status view of a node state, one Image per digest.
-func FromState(st *nodestate.State) []Image {
+// fromState is the status view of a node state, one Image per digest.
+func fromState(st *nodestate.State) []Image {
 	out := make([]Image, len(st.Images))
 	for i := range st.Images {
-		out[i] = FromNode(&st.Images[i])
+		out[i] = fromNode(&st.Images[i])
 	}
 	return out
 }
@@ -94,7 +94,7 @@ func Handler(src Source) http.Handler {
 }
 
 // writeJSON writes the status view of imgs exactly as a json.Encoder with
-// SetIndent("", "  ") would write FromState's slice, one image at a time:
+// SetIndent("", "  ") would write fromState's slice, one image at a time:
 // encoding 10,000 images at once would build the whole document in memory
 // twice (encoding, then indenting), megabytes of garbage per request.
 func writeJSON(w io.Writer, imgs []nodestate.Image) error {
@@ -109,7 +109,7 @@ func writeJSON(w io.Writer, imgs []nodestate.Image) error {
 	bw.WriteString("[\n")
 	for i := range imgs {
 		buf.Reset()
-		im := FromNode(&imgs[i])
+		im := fromNode(&imgs[i])
 		if err := enc.Encode(&im); err != nil {
 			return fmt.Errorf("encode image: %w", err)
 		}
@@ -163,7 +163,7 @@ func WriteTable(w io.Writer, imgs []Image) error {
 		if im.Drifted {
 			reason = strings.TrimSuffix("drifted,"+reason, ",")
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", im.Verdict, Ellipsize(im.Image, imageWidth),
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", im.Verdict, ellipsize(im.Image, imageWidth),
 			ShortDigest(im.Digest), im.RunningContainers, truncate(reason, reasonWidth))
 	}
 	return tw.Flush()
@@ -181,8 +181,8 @@ func ShortDigest(d string) string {
 	return hex
 }
 
-// Ellipsize shortens s to n runes, keeping its end (the tag is the useful part).
-func Ellipsize(s string, n int) string {
+// ellipsize shortens s to n runes, keeping its end (the tag is the useful part).
+func ellipsize(s string, n int) string {
 	r := []rune(s)
 	if len(r) <= n {
 		return s

@@ -34,7 +34,7 @@ func sampleState() *nodestate.State {
 	}}
 }
 
-func sample() []Image { return FromState(sampleState()) }
+func sample() []Image { return fromState(sampleState()) }
 
 func TestRoundTrip(t *testing.T) {
 	t.Parallel()
@@ -105,7 +105,7 @@ func TestWriteJSONMatchesEncoder(t *testing.T) {
 		var want, got bytes.Buffer
 		enc := json.NewEncoder(&want)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(FromState(&nodestate.State{Images: imgs})); err != nil {
+		if err := enc.Encode(fromState(&nodestate.State{Images: imgs})); err != nil {
 			t.Fatal(err)
 		}
 		if err := writeJSON(&got, imgs); err != nil {
@@ -181,7 +181,7 @@ func TestStatusJSONView(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			t.Parallel()
-			got, err := json.Marshal(FromNode(&tt.img))
+			got, err := json.Marshal(fromNode(&tt.img))
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -43,7 +43,7 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
-// notOKError means the command ran but the answer is "no": exit 1.
+// errNotOK means the command ran but the answer is "no": exit 1.
 var errNotOK = errors.New("not all images passed")
 
 func main() {

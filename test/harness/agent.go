@@ -50,11 +50,12 @@ type Agent struct {
 // agent is killed when the test ends; its log is printed if the test failed.
 func StartAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string) *Agent {
 	t.Helper()
+	SkipShort(t, "the agent binary")
 	logf, err := os.CreateTemp(t.TempDir(), "agent-*.log")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "agent", "--config", configPath) //nolint:gosec // the binary under test
+	cmd := exec.Command(bin, "agent", "--config", configPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
