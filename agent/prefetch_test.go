@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -10,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
@@ -19,8 +19,8 @@ import (
 // while it runs (reload -> SetPins).
 func TestRunPrefetchesPins(t *testing.T) {
 	t.Parallel()
-	reg := harness.StartRegistry(t)
-	ctd := harness.StartContainerd(t, harness.WithInsecureRegistry(reg))
+	node := harness.StartNode(t)
+	reg, c := node.Registry.Host, node.CRI
 	s := harness.NewSigner(t)
 	push := func(repo string, signed bool) string {
 		d := harness.PushRandomImage(t, reg+"/"+repo+":v1", 2048)
@@ -36,24 +36,12 @@ func TestRunPrefetchesPins(t *testing.T) {
 	if err := os.WriteFile(pinFile, []byte(signed+"\n"+unsigned+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(dir, "config.yaml")
-	cfg := fmt.Sprintf(`runtimeEndpoint: %s
-stateDir: %s
-metricsAddress: ""
-statusAddress: ""
-registries:
-  insecure: [%q]
-policies:
-- name: signed
-  images: ["%s/**"]
-  keys: [%q]
-pins: [%q]
-kubernetes:
-  enabled: false
-`, ctd.Endpoint(), filepath.Join(dir, "state"), reg, reg, s.PubPath, pinFile)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := harness.AgentConfig(node.Containerd.Endpoint(), filepath.Join(dir, "state"))
+	cfg.Registries.Insecure = []string{reg}
+	cfg.Policies = []config.Policy{harness.KeyPolicy("signed", reg+"/**", s.PubPath)}
+	cfg.Pins = []string{pinFile}
+	cfg.Prefetch.Enabled = true
+	cfgPath := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
@@ -64,27 +52,15 @@ kubernetes:
 		}
 	}()
 
-	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
 	waitPresent := func(ref string) {
 		t.Helper()
-		deadline := time.Now().Add(30 * time.Second)
-		for {
+		harness.Eventually(t, 30*time.Second, ref+" prefetched", func() (bool, string) {
 			st, err := c.ImageStatus(t.Context(), ref)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if st != nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s was not prefetched", ref)
-			}
-			time.Sleep(50 * time.Millisecond)
-		}
+			return st != nil, "absent"
+		})
 	}
 	waitPresent(signed)
 	if err := os.WriteFile(pinFile, []byte(signed+"\n"+unsigned+"\n"+later+"\n"), 0o600); err != nil {
@@ -110,13 +86,11 @@ func TestRunPrefetchDisabled(t *testing.T) {
 	if err := os.WriteFile(pinFile, []byte(ref+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(dir, "config.yaml")
-	cfg := fmt.Sprintf("runtimeEndpoint: %s\nstateDir: %s\nmetricsAddress: \"\"\nstatusAddress: \"\"\nregistries:\n  insecure: [%q]\n"+
-		"policies:\n- name: signed\n  images: [\"%s/**\"]\n  keys: [%q]\npins: [%q]\nprefetch:\n  enabled: false\nkubernetes:\n  enabled: false\n",
-		ctd.Endpoint(), filepath.Join(dir, "state"), reg, reg, s.PubPath, pinFile)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := harness.AgentConfig(ctd.Endpoint(), filepath.Join(dir, "state"))
+	cfg.Registries.Insecure = []string{reg}
+	cfg.Policies = []config.Policy{harness.KeyPolicy("signed", reg+"/**", s.PubPath)}
+	cfg.Pins = []string{pinFile}
+	cfgPath := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
 	defer cancel()
 	if err := Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))); err != nil {

@@ -3,7 +3,6 @@ package metrics
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -13,6 +12,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func exposition(t *testing.T, m *Metrics) string {
@@ -90,13 +90,7 @@ func TestEventMetrics(t *testing.T) {
 // TestPromtoolCheckMetrics runs the real promtool linter on the exposition.
 func TestPromtoolCheckMetrics(t *testing.T) {
 	t.Parallel()
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("promtool not installed (CI must run this check)")
-		}
-		t.Skip("promtool not installed")
-	}
+	promtool := harness.RequireBinary(t, "promtool")
 	m := New("test", 5)
 	m.Publish(&State{
 		Images:   map[verdict.Verdict]int{verdict.Verified: 2, verdict.Unverified: 1},

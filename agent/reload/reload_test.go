@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func startWatcher(t *testing.T, files []string) *atomic.Int32 {
@@ -26,10 +28,7 @@ func startWatcher(t *testing.T, files []string) *atomic.Int32 {
 
 func waitCalls(t *testing.T, calls *atomic.Int32, want int32) {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Second)
-	for calls.Load() < want && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	harness.Eventually(t, 30*time.Second, "callbacks", func() (bool, string) { return calls.Load() >= want, "" })
 	if got := calls.Load(); got != want {
 		t.Fatalf("callbacks = %d, want %d", got, want)
 	}
