@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/cri"
@@ -43,25 +44,14 @@ func TestRunPrefetchesPins(t *testing.T) {
 	if err := os.WriteFile(pinFile, []byte(signed+"\n"+unsigned+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(dir, "config.yaml")
 	metricsAddr := harness.FreeAddr(t)
-	cfg := fmt.Sprintf(`runtimeEndpoint: %s
-stateDir: %s
-metricsAddress: %q
-statusAddress: ""
-registries:
-  insecure: [%q]
-policies:
-- name: signed
-  images: ["%s/**"]
-  keys: [%q]
-pins: [%q]
-kubernetes:
-  enabled: false
-`, ctd.Endpoint(), filepath.Join(dir, "state"), metricsAddr, reg, reg, s.PubPath, pinFile)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := harness.AgentConfig(ctd.Endpoint(), filepath.Join(dir, "state"))
+	cfg.MetricsAddress = metricsAddr
+	cfg.Registries.Insecure = []string{reg}
+	cfg.Policies = []config.Policy{harness.KeyPolicy("signed", reg+"/**", s.PubPath)}
+	cfg.Pins = []string{pinFile}
+	cfg.Prefetch.Enabled = true
+	cfgPath := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
@@ -164,14 +154,13 @@ func TestRunPrefetchDisabled(t *testing.T) {
 	if err := os.WriteFile(pinFile, []byte(ref+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfgPath := filepath.Join(dir, "config.yaml")
 	statusAddr := harness.FreeAddr(t)
-	cfg := fmt.Sprintf("runtimeEndpoint: %s\nstateDir: %s\nmetricsAddress: \"\"\nstatusAddress: %q\nregistries:\n  insecure: [%q]\n"+
-		"policies:\n- name: signed\n  images: [\"%s/**\"]\n  keys: [%q]\npins: [%q]\nprefetch:\n  enabled: false\nkubernetes:\n  enabled: false\n",
-		ctd.Endpoint(), filepath.Join(dir, "state"), statusAddr, reg, reg, s.PubPath, pinFile)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := harness.AgentConfig(ctd.Endpoint(), filepath.Join(dir, "state"))
+	cfg.StatusAddress = statusAddr
+	cfg.Registries.Insecure = []string{reg}
+	cfg.Policies = []config.Policy{harness.KeyPolicy("signed", reg+"/**", s.PubPath)}
+	cfg.Pins = []string{pinFile}
+	cfgPath := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
 	mu.Lock()
 	recording = true // the agent's requests only
 	mu.Unlock()

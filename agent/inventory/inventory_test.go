@@ -12,6 +12,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/inventory"
 	"github.com/pinwarden/pinwarden/agent/inventory/inventorytest"
 	"github.com/pinwarden/pinwarden/cri"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // recorder is an Observer that keeps what it saw.
@@ -80,16 +81,10 @@ func start(t testing.TB, inv *inventory.Inventory) {
 	})
 }
 
-// eventually polls cond until it holds or timeout passes.
+// eventually waits (harness.Eventually) until cond holds or timeout passes.
 func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	harness.Eventually(t, timeout, what, func() (bool, string) { return cond(), "" })
 }
 
 const repo = "registry.test:5000/shop/api"

@@ -21,6 +21,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/judge"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -32,26 +33,6 @@ const (
 	verifiedTTL = 24 * time.Hour
 	failedTTL   = 10 * time.Minute
 )
-
-// clock is a settable fake clock shared by the judge and the cache.
-type clock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func newClock() *clock { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // fakeVerifier answers with a scripted result and counts calls.
 type fakeVerifier struct {
@@ -161,7 +142,7 @@ func compileYAML(t *testing.T, y string) *policy.Set {
 type fixture struct {
 	set   *policy.Set
 	key   string
-	clock *clock
+	clock *harness.Clock
 	cache *cache.Cache
 	v     *fakeVerifier
 	obs   *fakeObserver
@@ -171,7 +152,7 @@ type fixture struct {
 func newFixture(t *testing.T, result func(*policy.Policy, string, string) verdict.Result) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	f := &fixture{key: writeKey(t, dir, "ci.pub"), clock: newClock(), v: &fakeVerifier{result: result}, obs: &fakeObserver{}}
+	f := &fixture{key: writeKey(t, dir, "ci.pub"), clock: harness.NewClock(), v: &fakeVerifier{result: result}, obs: &fakeObserver{}}
 	f.set = compile(t, f.key)
 	c, err := cache.Open(t.Context(), cache.PathIn(filepath.Join(dir, "state")), cache.WithClock(f.clock.Now))
 	if err != nil {

@@ -3,7 +3,6 @@ package metrics
 import (
 	"bytes"
 	"fmt"
-	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func exposition(t *testing.T, m *Metrics) string {
@@ -105,13 +105,7 @@ func TestEventMetrics(t *testing.T) {
 // TestPromtoolCheckMetrics runs the real promtool linter on the exposition.
 func TestPromtoolCheckMetrics(t *testing.T) {
 	t.Parallel()
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("promtool not installed (CI must run this check)")
-		}
-		t.Skip("promtool not installed")
-	}
+	promtool := harness.RequireBinary(t, "promtool")
 	m := New("test", 5)
 	m.Publish(&nodestate.State{Images: []nodestate.Image{
 		{Name: "r.example/a:v1", Tags: []string{"r.example/a:v1"}, Digest: "sha256:" + strings.Repeat("a", 64),

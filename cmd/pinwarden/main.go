@@ -59,6 +59,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, usageSummary)
 		return exitUsage
 	}
+	stderr = lockWriter(stderr) // shared by the logger and prefetch's progress display
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	var err error
 	switch args[0] {
