@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/pinwarden/pinwarden/agent/anchor"
 )
 
 // Config is the whole configuration file.
@@ -270,7 +272,7 @@ func (c *Config) Validate() error {
 			bad(key+".images", "at least one glob is required")
 		}
 		for j, g := range p.Images {
-			if err := ValidateGlob(g); err != nil {
+			if _, err := NormalizeGlob(g); err != nil {
 				bad(fmt.Sprintf("%s.images[%d]", key, j), "%v", err)
 			}
 		}
@@ -302,7 +304,7 @@ func (c *Config) Validate() error {
 			case id.Subject != "" && id.SubjectRegExp != "":
 				bad(ik, "subject and subjectRegExp are exclusive")
 			case id.SubjectRegExp != "":
-				if _, err := regexp.Compile(Anchor(id.SubjectRegExp)); err != nil {
+				if _, _, err := anchor.Regexp(id.SubjectRegExp); err != nil {
 					bad(ik+".subjectRegExp", "%v", err)
 				}
 			}
@@ -316,6 +318,10 @@ func (c *Config) Validate() error {
 		}
 		if p.Tlog != nil && !*p.Tlog && len(p.Keyless) > 0 {
 			bad(key+".tlog", "keyless identities need a transparency-log proof; tlog: false is only allowed for keys")
+		}
+		if p.RequireTlog() && len(p.Keyless) == 0 && c.TrustedRoot == "" {
+			bad(key+".tlog", "tlog: true on keys %s needs trustedRoot to be set (it holds the transparency-log keys)",
+				strings.Join(p.Keys, ", "))
 		}
 	}
 	return errors.Join(errs...)
@@ -336,9 +342,6 @@ func (p Policy) RequireTlog() bool {
 	}
 	return len(p.Keyless) > 0
 }
-
-// Anchor wraps a regexp so that it must match the whole string.
-func Anchor(re string) string { return "^(?:" + re + ")$" }
 
 // ValidateGlob checks a repository glob: path segments of [a-z0-9._-:] with
 // '*' within a segment and '**' as a whole segment.
@@ -414,4 +417,50 @@ func (r *Registries) validateNodeSources() []error {
 		}
 	}
 	return errs
+}
+
+// hostRE is ParseReference's registry host grammar (agent/policy): DNS
+// labels separated by dots, or a bracketed IPv6 literal, then an optional port.
+var hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
+
+// NormalizeGlob validates a repository glob and normalizes it the way image
+// references are normalized, so that it can match the fully qualified
+// repositories pinwarden judges: no registry means Docker Hub ("nginx" and
+// "library/nginx" become "docker.io/library/nginx"), "index.docker.io" is
+// "docker.io", and a single path segment on Docker Hub gets "library/".
+// The first segment is a registry host when it is "localhost" or contains
+// '.' or ':', as for references. A glob whose first segment is a wildcard
+// without '.' or ':' ("*/nginx") is refused: as a reference it would be a
+// Docker Hub namespace, which is rarely what its author meant; the error
+// names both readings.
+func NormalizeGlob(g string) (string, error) {
+	if err := ValidateGlob(g); err != nil {
+		return "", err
+	}
+	segs := strings.Split(g, "/")
+	first := segs[0]
+	if first == "**" {
+		return g, nil // spans every registry already
+	}
+	host, path := "", segs
+	switch {
+	case len(segs) >= 2 && (first == "localhost" || strings.ContainsAny(first, ".:")):
+		host, path = first, segs[1:]
+	case len(segs) >= 2 && strings.Contains(first, "*"):
+		return "", fmt.Errorf("ambiguous glob %q: without '.' or ':' its first segment is a Docker Hub namespace, "+
+			"so it means %q; to match registry hosts write %q or a host pattern with a dot (\"*.example.com/...\")",
+			g, "docker.io/"+g, "**/"+strings.Join(segs[1:], "/"))
+	default:
+		host = "docker.io"
+	}
+	if host == "index.docker.io" {
+		host = "docker.io"
+	}
+	if !strings.Contains(host, "*") && !hostRE.MatchString(host) {
+		return "", fmt.Errorf("invalid glob %q: registry host %q", g, host)
+	}
+	if host == "docker.io" && len(path) == 1 && path[0] != "**" {
+		path = []string{"library", path[0]}
+	}
+	return host + "/" + strings.Join(path, "/"), nil
 }
