@@ -55,6 +55,8 @@ type Distribution struct {
 	Host string
 	// SeedHost is host:port of the open instance on the same storage ("" unless Seed).
 	SeedHost string
+	// DataDir is the filesystem storage root.
+	DataDir string
 
 	mu    sync.Mutex
 	stops []func()
@@ -70,6 +72,18 @@ func (d *Distribution) Stop() {
 	d.stops = nil
 }
 
+// WaitBlobStored waits until the registry's storage holds blob digest
+// ("sha256:<hex>"): a pull-through cache stores blobs after serving them.
+func (d *Distribution) WaitBlobStored(t testing.TB, digest string) {
+	t.Helper()
+	hex := strings.TrimPrefix(digest, "sha256:")
+	p := filepath.Join(d.DataDir, "docker", "registry", "v2", "blobs", "sha256", hex[:2], hex, "data")
+	Eventually(t, 20*time.Second, "blob "+digest+" stored", func() (bool, string) {
+		_, err := os.Stat(p)
+		return err == nil, fmt.Sprint(err)
+	})
+}
+
 // StartDistributionWith starts distribution with o on a free loopback port
 // and waits until /v2/ answers (200 or 401).
 func StartDistributionWith(t testing.TB, o DistributionOptions) *Distribution {
@@ -81,7 +95,7 @@ func StartDistributionWith(t testing.TB, o DistributionOptions) *Distribution {
 	RequireBinary(t, bin)
 	dir := t.TempDir()
 	data := filepath.Join(dir, "data")
-	d := &Distribution{Host: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+	d := &Distribution{Host: fmt.Sprintf("127.0.0.1:%d", freePort(t)), DataDir: data}
 	var b strings.Builder
 	fmt.Fprintf(&b, "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\n", data)
 	fmt.Fprintf(&b, "http:\n  addr: %s\n", d.Host)
