@@ -231,14 +231,18 @@ func (v *Verifier) verifyEndpoints(ctx context.Context, p *policy.Policy, repo, 
 			return nil, "", err
 		}
 		next := usable[i+1].Host
+		kind := "endpoint"
+		if e.Mirror {
+			kind = "mirror"
+		}
 		var fe *FailureError
 		switch {
 		case errors.As(err, &fe) && fe.Reason == verdict.ReasonNoSignature && v.hasImage(ctx, r, plain, digest):
-			notes = append(notes, fmt.Sprintf("mirror %s has the image but not its signature; fell back to %s", e.Host, next))
+			notes = append(notes, fmt.Sprintf("%s %s has the image but not its signature; fell back to %s", kind, e.Host, next))
 		case errors.As(err, &fe):
-			notes = append(notes, fmt.Sprintf("mirror %s: %s; fell back to %s", e.Host, fe.Reason, next))
+			notes = append(notes, fmt.Sprintf("%s %s: %s; fell back to %s", kind, e.Host, fe.Reason, next))
 		default:
-			notes = append(notes, fmt.Sprintf("mirror %s failed (%s); fell back to %s", e.Host, redactURLs(truncate(err.Error(), 200)), next))
+			notes = append(notes, fmt.Sprintf("%s %s failed (%s); fell back to %s", kind, e.Host, redactURLs(truncate(err.Error(), 200)), next))
 		}
 	}
 	return nil, "", errors.New("unreachable")

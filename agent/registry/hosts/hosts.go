@@ -144,7 +144,15 @@ func (r *Resolver) load(ctx context.Context, host string) ([]Endpoint, error) {
 		return nil, errors.New("containerd hosts config for " + host + ": no endpoints")
 	}
 	eps := make([]Endpoint, 0, len(rhosts))
+	seen := map[string]bool{}
 	for _, h := range rhosts {
+		// A [host] entry for the server itself and the server line name
+		// the same endpoint; the first (with its TLS settings) stands.
+		if k := h.Scheme + "://" + strings.ToLower(h.Host) + h.Path; seen[k] {
+			continue
+		} else {
+			seen[k] = true
+		}
 		e := Endpoint{
 			Host:    strings.ToLower(h.Host),
 			Scheme:  h.Scheme,

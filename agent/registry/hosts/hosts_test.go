@@ -61,6 +61,12 @@ server = "https://registry.example.com"
 	writeHosts(t, root, "ported.example.com_5000_", `
 server = "https://other-upstream.example.com"
 `)
+	writeHosts(t, root, "same.example.com", `
+server = "https://same.example.com"
+[host."https://same.example.com"]
+  capabilities = ["pull", "resolve"]
+  skip_verify = true
+`)
 	writeHosts(t, root, "_default", `
 [host."https://default-mirror.example.com"]
   capabilities = ["pull", "resolve"]
@@ -71,6 +77,7 @@ server = "https://other-upstream.example.com"
 		{"registry.example.com", "https://mirror-a.example.com/v2 mirror=true rp | https://harbor.example.com/v2/proxy-cache mirror=true rp | http://pull-only.example.com:5000/v2 mirror=true p | https://registry.example.com/v2 mirror=false rp"},
 		{"docker.io", "https://mirror.gcr.io/v2 mirror=true rp | https://registry-1.docker.io/v2 mirror=false rp"},
 		{"ported.example.com:5000", "https://other-upstream.example.com/v2 mirror=true rp"},
+		{"same.example.com", "https://same.example.com/v2 mirror=false rp"},
 		{"unlisted.example.com", "https://default-mirror.example.com/v2 mirror=true rp | https://unlisted.example.com/v2 mirror=false rp"},
 	}
 	r := hosts.New(root)
