@@ -59,6 +59,15 @@ type Registries struct {
 	// RequestsPerSecond and Burst rate-limit registry requests per host.
 	RequestsPerSecond float64 `json:"requestsPerSecond"`
 	Burst             int     `json:"burst"`
+	// CredentialProviderConfig and CredentialProviderBinDir are the kubelet's
+	// CredentialProviderConfig file and plugin directory (both or neither).
+	CredentialProviderConfig string `json:"credentialProviderConfig"`
+	CredentialProviderBinDir string `json:"credentialProviderBinDir"`
+	// ContainerdHostsDir is containerd's hosts.toml directory (mirrors, CAs,
+	// client certificates); a missing directory configures nothing.
+	ContainerdHostsDir string `json:"containerdHostsDir"`
+	// PodPullSecrets opts in to the imagePullSecrets of the pods running an image.
+	PodPullSecrets bool `json:"podPullSecrets"`
 }
 
 // Policy is one entry of policies; the first policy whose images match wins.
@@ -131,7 +140,7 @@ func Default() *Config {
 		ResyncInterval:      Duration{5 * time.Minute},
 		MaxProblemSeries:    500,
 		Cache:               Cache{VerifiedTTL: Duration{24 * time.Hour}, FailedTTL: Duration{10 * time.Minute}},
-		Registries:          Registries{Insecure: []string{}, RequestsPerSecond: 50, Burst: 100},
+		Registries:          Registries{Insecure: []string{}, RequestsPerSecond: 50, Burst: 100, ContainerdHostsDir: "/etc/containerd/certs.d"},
 		Policies:            []Policy{},
 		Pins:                []string{},
 		Prefetch:            Prefetch{Enabled: true, Concurrency: 4, PinGC: true},
@@ -211,6 +220,9 @@ func (c *Config) resolvePaths(base string) {
 	}
 	c.TrustedRoot = abs(c.TrustedRoot)
 	c.Registries.DockerConfig = abs(c.Registries.DockerConfig)
+	c.Registries.CredentialProviderConfig = abs(c.Registries.CredentialProviderConfig)
+	c.Registries.CredentialProviderBinDir = abs(c.Registries.CredentialProviderBinDir)
+	c.Registries.ContainerdHostsDir = abs(c.Registries.ContainerdHostsDir)
 	c.Kubernetes.Kubeconfig = abs(c.Kubernetes.Kubeconfig)
 	for i := range c.Pins {
 		c.Pins[i] = abs(c.Pins[i])
@@ -273,6 +285,9 @@ func (c *Config) validate(files bool) error {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {
 			bad("registries.dockerConfig", "%v", err)
 		}
+	}
+	if files {
+		errs = append(errs, c.Registries.validateNodeSources()...)
 	}
 	if c.TrustedRoot != "" && files {
 		if _, err := os.Stat(c.TrustedRoot); err != nil {
@@ -408,6 +423,43 @@ func FileHash(path string) (string, error) {
 	}
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:]), nil
+}
+
+// validateNodeSources checks the keys that point pinwarden at the node's own
+// credentials and registry hosts configuration.
+func (r *Registries) validateNodeSources() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("registries.%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	switch {
+	case r.CredentialProviderConfig != "" && r.CredentialProviderBinDir == "":
+		bad("credentialProviderBinDir", "required with credentialProviderConfig")
+	case r.CredentialProviderConfig == "" && r.CredentialProviderBinDir != "":
+		bad("credentialProviderConfig", "required with credentialProviderBinDir")
+	}
+	if r.CredentialProviderConfig != "" {
+		if st, err := os.Stat(r.CredentialProviderConfig); err != nil {
+			bad("credentialProviderConfig", "%v", err)
+		} else if st.IsDir() {
+			bad("credentialProviderConfig", "%s is a directory", r.CredentialProviderConfig)
+		}
+	}
+	if r.CredentialProviderBinDir != "" {
+		if st, err := os.Stat(r.CredentialProviderBinDir); err != nil {
+			bad("credentialProviderBinDir", "%v", err)
+		} else if !st.IsDir() {
+			bad("credentialProviderBinDir", "%s is not a directory", r.CredentialProviderBinDir)
+		}
+	}
+	if r.ContainerdHostsDir != "" {
+		if st, err := os.Stat(r.ContainerdHostsDir); err == nil && !st.IsDir() {
+			bad("containerdHostsDir", "%s is not a directory", r.ContainerdHostsDir)
+		} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+			bad("containerdHostsDir", "%v", err)
+		}
+	}
+	return errs
 }
 
 // hostRE is the registry host grammar of globs and image references: DNS

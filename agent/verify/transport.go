@@ -3,126 +3,21 @@ package verify
 import (
 	"container/list"
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"golang.org/x/time/rate"
 	"k8s.io/apimachinery/pkg/util/wait"
 )
-
-// dockerKeychain resolves credentials from ONE docker config.json file,
-// never from $DOCKER_CONFIG, ~/.docker or credential helpers.
-type dockerKeychain struct {
-	// byHost maps a canonical host to its credentials; immutable after load.
-	byHost map[string]authn.AuthConfig
-}
-
-var _ authn.Keychain = (*dockerKeychain)(nil)
-
-// Docker Hub's config key and the hosts its credentials belong to (the
-// registry and its token service).
-var dockerHubHosts = []string{"index.docker.io", "registry-1.docker.io", "docker.io", "auth.docker.io"}
-
-const maxDockerConfigSize = 1 << 20
-
-func loadDockerConfig(path string) (*dockerKeychain, error) {
-	kc := &dockerKeychain{byHost: map[string]authn.AuthConfig{}}
-	if path == "" {
-		return kc, nil
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("docker config: %w", err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxDockerConfigSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("docker config %s: %w", path, err)
-	}
-	if len(b) > maxDockerConfigSize {
-		return nil, fmt.Errorf("docker config %s: larger than %d bytes", path, maxDockerConfigSize)
-	}
-	var cf struct {
-		Auths map[string]struct {
-			Auth          string `json:"auth"`
-			Username      string `json:"username"`
-			Password      string `json:"password"`
-			IdentityToken string `json:"identitytoken"`
-			RegistryToken string `json:"registrytoken"`
-		} `json:"auths"`
-	}
-	if err := json.Unmarshal(b, &cf); err != nil {
-		// The error text of encoding/json never quotes the input, so no secret leaks here.
-		return nil, fmt.Errorf("docker config %s: %w", path, err)
-	}
-	for key, a := range cf.Auths {
-		ac := authn.AuthConfig{Username: a.Username, Password: a.Password, IdentityToken: a.IdentityToken, RegistryToken: a.RegistryToken}
-		if a.Auth != "" {
-			dec, err := base64.StdEncoding.DecodeString(a.Auth)
-			if err != nil {
-				return nil, fmt.Errorf("docker config %s: auths[%q].auth is not base64", path, key)
-			}
-			u, p, ok := strings.Cut(string(dec), ":")
-			if !ok {
-				return nil, fmt.Errorf("docker config %s: auths[%q].auth is not user:password", path, key)
-			}
-			ac.Username, ac.Password = u, p
-		}
-		host := configKeyHost(key)
-		if host == "index.docker.io" {
-			for _, h := range dockerHubHosts {
-				kc.byHost[h] = ac
-			}
-			continue
-		}
-		kc.byHost[host] = ac
-	}
-	return kc, nil
-}
-
-// configKeyHost turns "https://host:port/v1/" or "host:port" into "host:port".
-func configKeyHost(key string) string {
-	k := key
-	if i := strings.Index(k, "://"); i >= 0 {
-		k = k[i+3:]
-	}
-	if i := strings.Index(k, "/"); i >= 0 {
-		k = k[:i]
-	}
-	return strings.ToLower(k)
-}
-
-// Resolve implements authn.Keychain.
-func (k *dockerKeychain) Resolve(r authn.Resource) (authn.Authenticator, error) {
-	if ac, ok := k.byHost[strings.ToLower(r.RegistryStr())]; ok {
-		return authn.FromConfig(ac), nil
-	}
-	return authn.Anonymous, nil
-}
-
-// allowsBasic reports whether the Authorization header h may be sent to host:
-// only when it carries exactly the credentials configured for that host.
-func (k *dockerKeychain) allowsBasic(host, h string) bool {
-	ac, ok := k.byHost[strings.ToLower(host)]
-	if !ok || ac.Username == "" {
-		return false
-	}
-	want := "Basic " + base64.StdEncoding.EncodeToString([]byte(ac.Username+":"+ac.Password))
-	return h == want
-}
 
 // guardTransport is pinwarden's own layer under ggcr's auth transport. It
 // enforces the scheme per host (plain HTTP only for insecure hosts, HTTPS
@@ -139,14 +34,19 @@ type guardTransport struct {
 	// lower case). One for all hosts today; per-host TLS settings or mirrors
 	// plug in here.
 	transportFor func(host string) http.RoundTripper
-	creds        basicGuard
-	insecure     map[string]bool
-	timeout      time.Duration
-	maxBody      int64
-	retries      int
-	backoff      time.Duration
-	limits       *hostLimits
-	log          *slog.Logger
+	// plainHTTP says whether containerd's hosts config reaches host over
+	// plain HTTP (an http:// mirror), besides registries.insecure.
+	plainHTTP func(host string) bool
+	// inflight caps concurrent requests per host (nil: no cap).
+	inflight *inflight
+	creds    basicGuard
+	insecure map[string]bool
+	timeout  time.Duration
+	maxBody  int64
+	retries  int
+	backoff  time.Duration
+	limits   *hostLimits
+	log      *slog.Logger
 }
 
 // basicGuard says whether a Basic Authorization header may go to a host;
@@ -155,7 +55,7 @@ type basicGuard interface {
 	allowsBasic(host, header string) bool
 }
 
-var _ basicGuard = (*dockerKeychain)(nil)
+var _ basicGuard = keychainGuard{}
 
 // maxHostLimiters bounds the rate limiters kept (least recently used first
 // out): one per registry a verification is for, so the count follows the
@@ -301,7 +201,7 @@ func redirectChain(req *http.Request) (int, time.Time) {
 func (g *guardTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	host := strings.ToLower(req.URL.Host)
 	switch {
-	case req.URL.Scheme == "http" && !g.insecure[host]:
+	case req.URL.Scheme == "http" && !g.insecure[host] && (g.plainHTTP == nil || !g.plainHTTP(host)):
 		return nil, fmt.Errorf("%w: plain HTTP to %s: not in registries.insecure", errRefused, host)
 	case req.URL.Scheme == "https" && g.insecure[host]:
 		return nil, fmt.Errorf("%w: HTTPS to %s: listed in registries.insecure", errRefused, host)
@@ -386,6 +286,13 @@ func (g *guardTransport) once(req *http.Request, chainDeadline time.Time) (*http
 	} else {
 		ctx, cancel = context.WithDeadline(req.Context(), chainDeadline)
 	}
+	release, err := g.inflight.acquire(ctx, host)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	cancelCtx := cancel
+	cancel = func() { cancelCtx(); release() }
 	resp, err := g.transportFor(host).RoundTrip(req.WithContext(ctx))
 	if err != nil {
 		cancel()

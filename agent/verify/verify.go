@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -21,14 +20,24 @@ import (
 	"github.com/pinwarden/pinwarden/agent/anchor"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
+	"github.com/pinwarden/pinwarden/agent/registry"
+	"github.com/pinwarden/pinwarden/agent/registry/hosts"
+	"github.com/pinwarden/pinwarden/agent/registry/pullsecrets"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"golang.org/x/time/rate"
 )
 
 // Options configure a Verifier. Zero values take the defaults noted.
 type Options struct {
-	// Registries: insecure hosts and the docker config.json with credentials.
+	// Registries: insecure hosts, the node's credential sources (docker
+	// config, kubelet credential provider plugins) and containerd's hosts dir.
 	Registries config.Registries
+	// PullSecrets resolves pod pull secrets; used with Registries.PodPullSecrets.
+	PullSecrets *pullsecrets.Keychain
+	// CredentialHelperDir holds docker-credential-* helpers ("": $PATH).
+	CredentialHelperDir string
+	// MaxInFlightPerHost caps concurrent requests to one host (default 16).
+	MaxInFlightPerHost int
 	// RequestTimeout bounds one HTTP request including its body and all its
 	// redirect hops (at most 10) (default 15s).
 	RequestTimeout time.Duration
@@ -115,6 +124,9 @@ func (o *Options) defaults() {
 	if o.Transport == nil {
 		o.Transport = http.DefaultTransport
 	}
+	if o.MaxInFlightPerHost <= 0 {
+		o.MaxInFlightPerHost = 16
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -124,43 +136,21 @@ func (o *Options) defaults() {
 // concurrent use; it holds no per-image state.
 type Verifier struct {
 	opts     Options
-	keychain *dockerKeychain
+	keychain *registry.Keychain
+	hosts    *hosts.Resolver
+	sessions *sessions
 	insecure map[string]bool
 	rt       http.RoundTripper
 	log      *slog.Logger
-
-	mu         sync.Mutex // guards puller and pullerBorn
-	puller     *remote.Puller
-	pullerBorn time.Time
 }
 
-// pullerTTL bounds how long a shared Puller lives: it keeps one registry
-// client (ping result and token) per repository, and must not grow without
-// bound on a node that sees many repositories.
-const pullerTTL = 10 * time.Minute
-
-// sharedPuller returns the Puller that verifications share, so that a cold
-// verification in a repository already seen skips the registry ping: two
-// requests instead of three. A failed ping is not kept (ggcr drops it).
-func (v *Verifier) sharedPuller() (*remote.Puller, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.puller != nil && time.Since(v.pullerBorn) < pullerTTL {
-		return v.puller, nil
-	}
-	p, err := remote.NewPuller(v.remoteOptions(context.Background())...)
-	if err != nil {
-		return nil, fmt.Errorf("registry client: %w", err)
-	}
-	v.puller, v.pullerBorn = p, time.Now()
-	return p, nil
-}
-
-// New builds a Verifier. It reads the docker config file named in
-// opts.Registries (and nothing else) for credentials.
+// New builds a Verifier. Credentials come from the sources named in
+// opts.Registries (and nothing else: never $DOCKER_CONFIG or ~/.docker);
+// endpoints, mirrors and TLS from containerd's hosts dir there.
 func New(opts Options) (*Verifier, error) {
 	opts.defaults()
-	kc, err := loadDockerConfig(opts.Registries.DockerConfig)
+	kc, err := registry.NewKeychain(registry.Options{Registries: opts.Registries, PullSecrets: opts.PullSecrets,
+		CredentialHelperDir: opts.CredentialHelperDir, Logger: opts.Logger})
 	if err != nil {
 		return nil, err
 	}
@@ -168,11 +158,14 @@ func New(opts Options) (*Verifier, error) {
 	for _, h := range opts.Registries.Insecure {
 		insecure[strings.ToLower(h)] = true
 	}
-	v := &Verifier{opts: opts, keychain: kc, insecure: insecure, log: opts.Logger}
-	next := opts.Transport
+	hr := hosts.New(opts.Registries.ContainerdHostsDir)
+	v := &Verifier{opts: opts, keychain: kc, hosts: hr, sessions: newSessions(), insecure: insecure, log: opts.Logger}
+	next := hr.Transport(opts.Transport)
 	v.rt = &guardTransport{
 		transportFor: func(string) http.RoundTripper { return next },
-		creds:        kc, insecure: insecure, timeout: opts.RequestTimeout,
+		plainHTTP:    func(h string) bool { return slices.Contains(hr.PlainHTTPHosts(), h) },
+		inflight:     &inflight{max: opts.MaxInFlightPerHost},
+		creds:        keychainGuard{kc}, insecure: insecure, timeout: opts.RequestTimeout,
 		maxBody: opts.MaxResponseSize, retries: opts.Retries, backoff: opts.RetryBackoff, log: opts.Logger,
 		limits: &hostLimits{qps: rate.Limit(opts.RegistryQPS), burst: opts.RegistryBurst},
 	}
@@ -218,10 +211,10 @@ func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest st
 		return res
 	}
 	res.Policy, res.Fingerprint = p.Name, p.Fingerprint
-	signers, err := v.verify(ctx, p, repo, digest)
+	signers, note, err := v.verify(ctx, p, repo, digest)
 	res.VerifiedAt = time.Now()
 	if err == nil {
-		res.Verdict, res.Signers = verdict.Verified, signers
+		res.Verdict, res.Signers, res.Detail = verdict.Verified, signers, note
 		return res
 	}
 	// Error text can quote URLs (a redirect to a pre-signed URL): never
@@ -285,27 +278,33 @@ func checkPolicy(p *policy.Policy) error {
 	return nil
 }
 
-func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, error) {
+func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, string, error) {
 	// One deadline and one byte budget for the whole verification: every
 	// request, redirect hop, retry and rate-limit wait below counts.
 	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
 	defer cancel()
 	if err := checkPolicy(p); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	ref, err := policy.ParseReference(repo + "@" + digest)
 	if err != nil || ref.Repo != repo || ref.Tag != "" {
-		return nil, fmt.Errorf("invalid repository or digest %q@%q: %w", repo, digest, err)
+		return nil, "", fmt.Errorf("invalid repository or digest %q@%q: %w", repo, digest, err)
 	}
 	if !strings.HasPrefix(digest, "sha256:") {
-		return nil, failure(verdict.ReasonInvalidSignature, "cosign signs sha256 digests only, got %s", digest)
+		return nil, "", failure(verdict.ReasonInvalidSignature, "cosign signs sha256 digests only, got %s", digest)
 	}
 	r, err := v.repository(repo)
 	if err != nil {
-		return nil, fmt.Errorf("repository %q: %w", repo, err)
+		return nil, "", fmt.Errorf("repository %q: %w", repo, err)
 	}
 	ctx = withBudget(withRegistry(ctx, r.RegistryStr()), v.opts.MaxVerifyBytes)
-	puller, err := v.sharedPuller()
+	return v.verifyEndpoints(ctx, p, repo, digest)
+}
+
+// verifyAt fetches and checks the signatures of digest at one endpoint's
+// repository r.
+func (v *Verifier) verifyAt(ctx context.Context, p *policy.Policy, r name.Repository, plain bool, digest string) ([]string, error) {
+	puller, err := v.pullerFor(ctx, r, plain)
 	if err != nil {
 		return nil, err
 	}
