@@ -535,7 +535,7 @@ func (c *sanCA) bundle(t testing.TB, leaf *x509.Certificate, key *ecdsa.PrivateK
 		t.Fatal(err)
 	}
 	rawID, _ := hex.DecodeString(logID)
-	//nolint:staticcheck // tlog.NewEntry is what sigstore-go's own test CA uses to build entries.
+	// tlog.NewEntry is deprecated, but it is what sigstore-go's own test CA uses to build entries.
 	e, err := tlog.NewEntry(body, at, 0, rawID, set, proof)
 	if err != nil {
 		t.Fatal(err)

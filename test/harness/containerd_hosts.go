@@ -17,7 +17,7 @@ func (c *Containerd) WriteHostsTOML(host, body string) {
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		c.t.Fatalf("certs.d/%s: %v", host, err)
 	}
-	if err := os.WriteFile(filepath.Join(d, "hosts.toml"), []byte(body), 0o644); err != nil { //nolint:gosec // containerd's config, not secret
+	if err := os.WriteFile(filepath.Join(d, "hosts.toml"), []byte(body), 0o644); err != nil { // containerd's config, not secret
 		c.t.Fatalf("hosts.toml for %s: %v", host, err)
 	}
 }

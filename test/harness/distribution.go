@@ -131,7 +131,7 @@ func StartDistributionWith(t testing.TB, o DistributionOptions) *Distribution {
 	client := http.DefaultClient
 	if o.TLS != nil {
 		scheme = "https"
-		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} //nolint:gosec // readiness probe only
+		client = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}} // readiness probe only
 	}
 	d.stops = append(d.stops, runDistribution(t, bin, filepath.Join(dir, "main"), b.String(), scheme+"://"+d.Host, client))
 	if o.Seed {
@@ -158,7 +158,7 @@ func runDistribution(t testing.TB, bin, dir, cfg, base string, client *http.Clie
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "serve", cfgPath) //nolint:gosec // test harness runs a known binary
+	cmd := exec.Command(bin, "serve", cfgPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

@@ -47,7 +47,7 @@ func FakeBinary(t testing.TB, name, dir, file string) string {
 		t.Fatal(err)
 	}
 	dst := filepath.Join(dir, file)
-	if err := os.WriteFile(dst, b, 0o755); err != nil { //nolint:gosec // an executable test binary
+	if err := os.WriteFile(dst, b, 0o755); err != nil {
 		t.Fatal(fmt.Errorf("copy fake %s: %w", name, err))
 	}
 	return dst

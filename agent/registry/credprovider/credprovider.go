@@ -337,7 +337,7 @@ func (k *Keychain) run(ctx context.Context, p *provider, image string) (*credv1.
 	}
 	ctx, cancel := context.WithTimeout(ctx, k.timeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, p.path, p.args...) //nolint:gosec // the kubelet's configured plugin
+	cmd := exec.CommandContext(ctx, p.path, p.args...) // the kubelet's configured plugin
 	cmd.Env = append(os.Environ(), p.env...)
 	cmd.Stdin = bytes.NewReader(req)
 	stdout := &capped{max: maxResponseSize}

@@ -251,7 +251,7 @@ func TestPluginTimeout(t *testing.T) {
 	if err := os.Mkdir(bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(bin, "slow"), []byte("#!/bin/sh\nexec sleep 60\n"), 0o755); err != nil { //nolint:gosec // test plugin
+	if err := os.WriteFile(filepath.Join(bin, "slow"), []byte("#!/bin/sh\nexec sleep 60\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "c.yaml")

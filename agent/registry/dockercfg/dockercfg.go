@@ -371,7 +371,7 @@ type program struct {
 
 func programFunc(ctx context.Context, path string) client.ProgramFunc {
 	return func(args ...string) client.Program {
-		cmd := exec.CommandContext(ctx, path, args...) //nolint:gosec // the helper the docker config names
+		cmd := exec.CommandContext(ctx, path, args...) // the helper the docker config names
 		cmd.Stderr = nil
 		cmd.WaitDelay = time.Second
 		return &program{cmd: cmd}
