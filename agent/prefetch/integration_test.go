@@ -194,8 +194,13 @@ func TestIntegrationRunLive(t *testing.T) {
 	pf.SetPins([]pins.Pin{first, outage, later}) // what a config reload does
 	n.waitPresent(t, later)
 
-	harness.Eventually(t, 30*time.Second, "retries of the pin of the stopped registry", func() (bool, string) {
-		return j.calls(outage.Digest) >= 3, fmt.Sprintf("judged %d times", j.calls(outage.Digest))
+	// waitPresent returns when the image is on the node, before the
+	// prefetcher has labelled it and recorded the outcome: wait for that too.
+	harness.Eventually(t, 30*time.Second, "retries of the pin of the stopped registry, both pulls recorded", func() (bool, string) {
+		res, pending, _ := rec.snapshot()
+		calls := j.calls(outage.Digest)
+		return calls >= 3 && res[prefetch.ResultPulled] == 2 && pending == 1,
+			fmt.Sprintf("outage judged %d times, metrics %v, pending %d", calls, res, pending)
 	})
 	if st := n.present(t, outage); st != nil {
 		t.Errorf("pin of a stopped registry is on the node: %+v", st)
