@@ -10,23 +10,12 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/pinwarden/pinwarden/agent/config"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
-
-func needTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not installed (CI must run this check)", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return p
-}
 
 // TestAlertRules runs promtool's rule checker and the rule unit tests.
 func TestAlertRules(t *testing.T) {
-	promtool := needTool(t, "promtool")
+	promtool := harness.RequireBinary(t, "promtool")
 	for _, args := range [][]string{{"check", "rules", "prometheus/alerts.yaml"}, {"test", "rules", "prometheus/alerts_test.yaml"}} {
 		out, err := exec.Command(promtool, args...).CombinedOutput()
 		if err != nil {

@@ -22,6 +22,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func TestMain(m *testing.M) {
@@ -41,24 +42,6 @@ func (o *countingObserver) CacheWriteError() { o.writeErrors.Add(1) }
 func (o *countingObserver) CacheHit()        { o.hits.Add(1) }
 func (o *countingObserver) CacheMiss()       { o.misses.Add(1) }
 func (o *countingObserver) CacheCorrupt()    { o.corrupt.Add(1) }
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 func digest(i int) string { return fmt.Sprintf("sha256:%064x", i) }
 
@@ -165,7 +148,7 @@ func TestGetSetsSourceCache(t *testing.T) {
 
 func TestTTLExpiry(t *testing.T) {
 	t.Parallel()
-	clk := newClock()
+	clk := harness.NewClock()
 	path := PathIn(t.TempDir())
 	obs := &countingObserver{}
 	c := mustOpen(t, path, WithClock(clk.Now), WithObserver(obs))
@@ -208,7 +191,7 @@ func TestTTLExpiry(t *testing.T) {
 	}
 
 	// Expired on disk: not loaded after a restart.
-	clk2 := newClock()
+	clk2 := harness.NewClock()
 	c = mustOpen(t, path, WithClock(clk2.Now))
 	c.Put(result(3, "fp"), 2*time.Hour)
 	c.Put(result(4, "fp"), 30*time.Minute)
@@ -247,7 +230,10 @@ func validFile(t *testing.T, path string, n int) []byte {
 func TestCorruptFileMovedAside(t *testing.T) {
 	t.Parallel()
 	rnd := rand.New(rand.NewPCG(1, 2))
+	var rndMu sync.Mutex // the subtests run in parallel; rand.Rand is not safe for that
 	random := func(n int) []byte {
+		rndMu.Lock()
+		defer rndMu.Unlock()
 		b := make([]byte, n)
 		for i := range b {
 			b[i] = byte(rnd.Uint32())
@@ -781,13 +767,7 @@ func openRaw(t *testing.T, path string) *bolt.DB {
 
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 10s")
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	harness.Eventually(t, 10*time.Second, "condition", func() (bool, string) { return cond(), "" })
 }
 
 // Issue 10: a record whose verdict is not one of the five verdicts (a

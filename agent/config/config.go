@@ -2,7 +2,8 @@
 //
 // Loading is strict: unknown keys, bad globs, missing key files, keyless
 // policies without an identity and invalid regular expressions are errors that
-// name the file, the key and the reason. Defaults follow the CONTRACT.
+// name the file, the key and the reason. Defaults follow the CONTRACT. Image
+// globs are normalized here the way image references are (NormalizeGlob).
 package config
 
 import (
@@ -14,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -146,13 +148,21 @@ func Default() *Config {
 	}
 }
 
-// Load reads, parses and validates the config file at path.
-func Load(path string) (*Config, error) {
+// Load reads, parses and validates the config file at path, including that
+// every file it names exists.
+func Load(path string) (*Config, error) { return load(path, true) }
+
+// LoadStatic is Load without looking at the files the config names (keys,
+// trustedRoot, dockerConfig, pins): the agent starts with a config whose
+// Secret is not mounted yet, and waits for the files.
+func LoadStatic(path string) (*Config, error) { return load(path, false) }
+
+func load(path string, files bool) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	c, err := Parse(b, filepath.Dir(path))
+	c, err := parse(b, filepath.Dir(path), files)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -162,7 +172,9 @@ func Load(path string) (*Config, error) {
 
 // Parse parses and validates config bytes. Relative paths inside the config
 // (keys, pins, trustedRoot, dockerConfig, stateDir) resolve against baseDir.
-func Parse(b []byte, baseDir string) (*Config, error) {
+func Parse(b []byte, baseDir string) (*Config, error) { return parse(b, baseDir, true) }
+
+func parse(b []byte, baseDir string, files bool) (*Config, error) {
 	c := Default()
 	if len(bytes.TrimSpace(b)) > 0 {
 		if err := yaml.UnmarshalStrict(b, c); err != nil {
@@ -170,10 +182,33 @@ func Parse(b []byte, baseDir string) (*Config, error) {
 		}
 	}
 	c.resolvePaths(baseDir)
-	if err := c.Validate(); err != nil {
+	if err := c.validate(files); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// Files lists every file the config names: key files, the trusted root,
+// the docker config and the pin files (not the kubeconfig, read once at
+// start). These are what a reload re-reads.
+func (c *Config) Files() []string {
+	var out []string
+	add := func(p string) {
+		if p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	add(c.TrustedRoot)
+	add(c.Registries.DockerConfig)
+	for _, p := range c.Policies {
+		for _, k := range p.Keys {
+			add(k)
+		}
+	}
+	for _, p := range c.Pins {
+		add(p)
+	}
+	return out
 }
 
 func (c *Config) resolvePaths(base string) {
@@ -199,8 +234,14 @@ func (c *Config) resolvePaths(base string) {
 	}
 }
 
-// Validate checks every field and returns all problems found, joined.
-func (c *Config) Validate() error {
+// Validate checks every field, and that the files the config names exist,
+// and returns all problems found, joined.
+func (c *Config) Validate() error { return c.validate(true) }
+
+// ValidateStatic is Validate without looking at the files the config names.
+func (c *Config) ValidateStatic() error { return c.validate(false) }
+
+func (c *Config) validate(files bool) error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
@@ -240,13 +281,15 @@ func (c *Config) Validate() error {
 	if c.Registries.Burst < 1 || c.Registries.Burst > 10000 {
 		bad("registries.burst", "must be between 1 and 10000, got %d", c.Registries.Burst)
 	}
-	if c.Registries.DockerConfig != "" {
+	if c.Registries.DockerConfig != "" && files {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {
 			bad("registries.dockerConfig", "%v", err)
 		}
 	}
-	errs = append(errs, c.Registries.validateNodeSources()...)
-	if c.TrustedRoot != "" {
+	if files {
+		errs = append(errs, c.Registries.validateNodeSources()...)
+	}
+	if c.TrustedRoot != "" && files {
 		if _, err := os.Stat(c.TrustedRoot); err != nil {
 			bad("trustedRoot", "%v", err)
 		}
@@ -289,7 +332,7 @@ func (c *Config) Validate() error {
 			bad(key, "needs keys or keyless identities (or deny/ignore)")
 		}
 		for j, k := range p.Keys {
-			if _, err := os.Stat(k); err != nil {
+			if _, err := os.Stat(k); files && err != nil {
 				bad(fmt.Sprintf("%s.keys[%d]", key, j), "%v", err)
 			}
 		}
@@ -419,9 +462,13 @@ func (r *Registries) validateNodeSources() []error {
 	return errs
 }
 
-// hostRE is ParseReference's registry host grammar (agent/policy): DNS
+// hostRE is the registry host grammar of globs and image references: DNS
 // labels separated by dots, or a bracketed IPv6 literal, then an optional port.
 var hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
+
+// ValidRegistryHost reports whether h is a registry host (lowercase DNS
+// name or bracketed IPv6 literal, optional port), for globs and references.
+func ValidRegistryHost(h string) bool { return hostRE.MatchString(h) }
 
 // NormalizeGlob validates a repository glob and normalizes it the way image
 // references are normalized, so that it can match the fully qualified

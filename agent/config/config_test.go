@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -62,5 +63,37 @@ func TestValidateRefuses(t *testing.T) {
 	// The same policy with a trusted root is fine.
 	if _, err := Parse([]byte("trustedRoot: root.json\npolicies:\n- name: p\n  images: [\"**\"]\n  keys: [ci.pub]\n  tlog: true\n"), dir); err != nil {
 		t.Errorf("tlog with trustedRoot refused: %v", err)
+	}
+}
+
+// The agent starts on a config whose Secret is not mounted yet: LoadStatic
+// accepts missing files, Load refuses them, and Files names every one.
+func TestLoadStaticAndFiles(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	y := "trustedRoot: keys/root.json\nregistries:\n  dockerConfig: creds/config.json\npins: [pins.txt]\n" +
+		"policies:\n- name: p\n  images: [\"**\"]\n  keys: [keys/ci.pub, keys/ci.pub, /abs/other.pub]\n"
+	if err := os.WriteFile(path, []byte(y), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(path); err == nil || !strings.Contains(err.Error(), "policies[0] (p).keys[0]") {
+		t.Fatalf("Load with missing key files = %v", err)
+	}
+	c, err := LoadStatic(path)
+	if err != nil {
+		t.Fatalf("LoadStatic = %v", err)
+	}
+	want := []string{filepath.Join(dir, "keys/root.json"), filepath.Join(dir, "creds/config.json"),
+		filepath.Join(dir, "keys/ci.pub"), "/abs/other.pub", filepath.Join(dir, "pins.txt")}
+	if got := c.Files(); !slices.Equal(got, want) {
+		t.Errorf("Files = %q, want %q", got, want)
+	}
+	// A broken config is still refused without looking at files.
+	if err := os.WriteFile(path, []byte("policies: [{name: p, images: [\"*/x\"], deny: true}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadStatic(path); err == nil {
+		t.Error("LoadStatic accepted a bad glob")
 	}
 }

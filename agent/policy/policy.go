@@ -109,6 +109,30 @@ type Set struct {
 	// (reload) starts empty.
 	matches  sync.Map
 	memoSize atomic.Int64
+
+	// unavailable, when set, is why there are no usable policies yet (the
+	// files a config names are missing or broken): every repository is
+	// pending, never verified and never untrusted.
+	unavailable error
+}
+
+// Unavailable returns a Set that decides every repository pending, with
+// cause in the detail. The agent runs with it while the keys, trusted root,
+// docker config or pin files that its config names cannot be loaded, and
+// swaps it for a compiled Set as soon as they can.
+func Unavailable(cause error) *Set {
+	if cause == nil {
+		cause = errors.New("no policies loaded")
+	}
+	return &Set{unavailable: cause}
+}
+
+// Err returns why the Set is Unavailable, nil for a compiled Set.
+func (s *Set) Err() error {
+	if s == nil {
+		return nil
+	}
+	return s.unavailable
 }
 
 // maxMemo bounds the repositories whose match a Set remembers.
@@ -379,8 +403,13 @@ func matchSegments(glob, segs []string) bool {
 
 // Decide returns the static outcome for repo: untrusted/no-policy when no
 // policy matches, untrusted/denied for a deny policy, ignored for an ignore
-// policy. Otherwise it returns the policy to verify with and a nil Result.
+// policy, and pending/queued for every repository of an Unavailable set.
+// Otherwise it returns the policy to verify with and a nil Result.
 func (s *Set) Decide(repo string) (*Policy, *verdict.Result) {
+	if err := s.Err(); err != nil {
+		return nil, &verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonQueued, VerifiedAt: time.Now(),
+			Detail: "no usable policy yet: " + err.Error()}
+	}
 	p := s.Match(repo)
 	if p != nil && !p.Deny && !p.Ignore {
 		return p, nil

@@ -431,3 +431,24 @@ func TestGlobsNormalizedLikeReferences(t *testing.T) {
 		t.Errorf("ambiguous glob error %v does not name the normalized form", err)
 	}
 }
+
+// An Unavailable set (the config's Secret is not mounted yet) decides every
+// repository pending: never verified, never untrusted.
+func TestUnavailableSetIsPending(t *testing.T) {
+	t.Parallel()
+	set := Unavailable(fmt.Errorf("key /etc/pinwarden/keys/ci.pub: %w", os.ErrNotExist))
+	for _, repo := range []string{"docker.io/library/nginx", "registry.example.com/a"} {
+		p, res := set.Decide(repo)
+		if p != nil || res == nil || res.Verdict != verdict.Pending || res.Reason != verdict.ReasonQueued ||
+			!strings.Contains(res.Detail, "ci.pub") {
+			t.Errorf("%s: %v %+v", repo, p, res)
+		}
+	}
+	if set.Err() == nil || len(set.Policies) != 0 {
+		t.Error("Unavailable set has no cause or has policies")
+	}
+	var nilSet *Set
+	if nilSet.Err() != nil {
+		t.Error("nil set reports an error")
+	}
+}

@@ -113,14 +113,17 @@ func redactURLs(s string) string {
 // timeouts, resets. HTTP status errors are not "unreachable".
 func isUnreachable(err error) bool {
 	var terr *transport.Error
-	if errors.As(err, &terr) || errors.Is(err, errRefused) {
-		// An HTTP status, or a request pinwarden refused (a redirect loop,
-		// plain HTTP to a secure host): the registry answered.
+	if errors.As(err, &terr) {
 		return false
 	}
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, syscall.ECONNREFUSED) ||
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) {
 		return true
+	}
+	if errors.Is(err, errRefused) {
+		// Only a request pinwarden refused (a redirect loop): the registry
+		// answered, it is not unreachable.
+		return false
 	}
 	var ne net.Error
 	if errors.As(err, &ne) {

@@ -3,11 +3,24 @@ package verify
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/metrics"
 	"strings"
@@ -20,7 +33,20 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/secure-systems-lab/go-securesystemslib/dsse"
+	cbundle "github.com/sigstore/cosign/v2/pkg/cosign/bundle"
+	protobundle "github.com/sigstore/protobuf-specs/gen/pb-go/bundle/v1"
+	protocommon "github.com/sigstore/protobuf-specs/gen/pb-go/common/v1"
+	protodsse "github.com/sigstore/protobuf-specs/gen/pb-go/dsse"
+	protorekor "github.com/sigstore/protobuf-specs/gen/pb-go/rekor/v1"
+	"github.com/sigstore/rekor/pkg/pki"
+	rekortypes "github.com/sigstore/rekor/pkg/types"
 	sgbundle "github.com/sigstore/sigstore-go/pkg/bundle"
+	"github.com/sigstore/sigstore-go/pkg/root"
+	"github.com/sigstore/sigstore-go/pkg/testing/ca"
+	"github.com/sigstore/sigstore-go/pkg/tlog"
+	"github.com/sigstore/sigstore/pkg/cryptoutils"
+	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // Tests for the holes of issue 10 that live in agent/verify. The heap tests
@@ -354,5 +380,278 @@ func TestPresignedURLRedacted(t *testing.T) {
 			}
 			t.Logf("detail: %s", res.Detail)
 		})
+	}
+}
+
+// sanCA is a Fulcio-like CA of the test's own, for certificates with
+// several SANs (sigstore-go's virtual Fulcio issues one). Its trusted root
+// shares the virtual Rekor of vs, which signs the log entries.
+type sanCA struct {
+	vs          *virtualSigstore
+	root, inter *x509.Certificate
+	interKey    *ecdsa.PrivateKey
+	rootPath    string
+}
+
+func newSANCA(t testing.TB, vs *virtualSigstore) *sanCA {
+	t.Helper()
+	rootCert, rootKey, err := ca.GenerateRootCa()
+	if err != nil {
+		t.Fatal(err)
+	}
+	inter, interKey, err := ca.GenerateFulcioIntermediate(rootCert, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rekor := map[string]*root.TransparencyLog{}
+	for id, l := range vs.vs.RekorLogs() {
+		c := *l
+		if c.ID, err = hex.DecodeString(id); err != nil {
+			t.Fatal(err)
+		}
+		rekor[id] = &c
+	}
+	fca := &root.FulcioCertificateAuthority{Root: rootCert, Intermediates: []*x509.Certificate{inter}, URI: "https://fulcio.test"}
+	tr, err := root.NewTrustedRoot(root.TrustedRootMediaType01, []root.CertificateAuthority{fca}, nil, vs.vs.TimestampingAuthorities(), rekor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := tr.MarshalJSON()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "san_root.json")
+	if err := os.WriteFile(p, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return &sanCA{vs: vs, root: rootCert, inter: inter, interKey: interKey, rootPath: p}
+}
+
+// leaf issues a code-signing certificate with the given SANs for oidcIssuer,
+// valid from now for 10 minutes.
+func (c *sanCA) leaf(t testing.TB, uris, emails []string, oidcIssuer string) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), EmailAddresses: emails,
+		NotBefore: time.Now(), NotAfter: time.Now().Add(10 * time.Minute),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning},
+		ExtraExtensions: []pkix.Extension{{Id: asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 57264, 1, 1}, Value: []byte(oidcIssuer)}},
+	}
+	for _, u := range uris {
+		pu, err := url.Parse(u)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tmpl.URIs = append(tmpl.URIs, pu)
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.inter, &key.PublicKey, c.interKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert, key
+}
+
+// logEntry signs a Rekor entry body at the integrated time "at" and returns
+// the log ID (hex) and the SET.
+func (c *sanCA) logEntry(t testing.TB, body []byte, at int64) (string, []byte) {
+	t.Helper()
+	logID, err := c.vs.vs.RekorLogID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := c.vs.vs.RekorSignPayload(tlog.RekorPayload{Body: base64.StdEncoding.EncodeToString(body), IntegratedTime: at, LogIndex: 0, LogID: logID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return logID, set
+}
+
+// legacySig is a keyless .sig layer by leaf over pl, with a hashedrekord
+// entry and its SET, as cosign attaches them.
+func (c *sanCA) legacySig(t testing.TB, leaf *x509.Certificate, key *ecdsa.PrivateKey, pl []byte) sigLayer {
+	t.Helper()
+	h := sha256.Sum256(pl)
+	sig, err := ecdsa.SignASN1(rand.Reader, key, h[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, _ := cryptoutils.MarshalCertificateToPEM(leaf)
+	chainPEM, _ := cryptoutils.MarshalCertificatesToPEM([]*x509.Certificate{c.inter, c.root})
+	b64 := base64.StdEncoding.EncodeToString
+	body := fmt.Sprintf(`{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{"data":{"hash":{"algorithm":"sha256","value":"%x"}},"signature":{"content":"%s","publicKey":{"content":"%s"}}}}`,
+		h, b64(sig), b64(certPEM))
+	at := time.Now().Add(5 * time.Minute).Unix()
+	logID, set := c.logEntry(t, []byte(body), at)
+	rb, err := json.Marshal(cbundle.RekorBundle{SignedEntryTimestamp: set,
+		Payload: cbundle.RekorPayload{Body: b64([]byte(body)), IntegratedTime: at, LogIndex: 0, LogID: logID}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sigLayer{payload: pl, ann: map[string]string{annSignature: b64(sig), annCert: string(certPEM), annChain: string(chainPEM), annBundle: string(rb)}}
+}
+
+// bundle is a v0.3 bundle by leaf: a DSSE envelope over stmt, with a dsse
+// Rekor entry carrying an inclusion promise and proof.
+func (c *sanCA) bundle(t testing.TB, leaf *x509.Certificate, key *ecdsa.PrivateKey, stmt []byte) *sgbundle.Bundle {
+	t.Helper()
+	const pt = "application/vnd.in-toto+json"
+	h := sha256.Sum256(dsse.PAE(pt, stmt))
+	sig, err := ecdsa.SignASN1(rand.Reader, key, h[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := dsse.Envelope{PayloadType: pt, Payload: base64.StdEncoding.EncodeToString(stmt),
+		Signatures: []dsse.Signature{{Sig: base64.StdEncoding.EncodeToString(sig)}}}
+	envJSON, err := json.Marshal(env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, _ := cryptoutils.MarshalCertificateToPEM(leaf)
+	pe, err := rekortypes.NewProposedEntry(t.Context(), "dsse", "0.0.1", rekortypes.ArtifactProperties{
+		ArtifactBytes: envJSON, PublicKeyBytes: [][]byte{certPEM}, PKIFormat: string(pki.X509)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ei, err := rekortypes.CreateVersionedEntry(pe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := rekortypes.CanonicalizeEntry(t.Context(), ei)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now().Add(5 * time.Minute).Unix()
+	logID, set := c.logEntry(t, body, at)
+	proof, err := c.vs.vs.GetInclusionProof(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rawID, _ := hex.DecodeString(logID)
+	//nolint:staticcheck // tlog.NewEntry is what sigstore-go's own test CA uses to build entries.
+	e, err := tlog.NewEntry(body, at, 0, rawID, set, proof)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tle := e.TransparencyLogEntry()
+	tle.KindVersion = &protorekor.KindVersion{Kind: "dsse", Version: "0.0.1"}
+	tle.InclusionPromise = &protorekor.InclusionPromise{SignedEntryTimestamp: set}
+	pb := &protobundle.Bundle{
+		MediaType: BundleMediaType,
+		VerificationMaterial: &protobundle.VerificationMaterial{
+			Content:     &protobundle.VerificationMaterial_Certificate{Certificate: &protocommon.X509Certificate{RawBytes: leaf.Raw}},
+			TlogEntries: []*protorekor.TransparencyLogEntry{tle},
+		},
+		Content: &protobundle.Bundle_DsseEnvelope{DsseEnvelope: &protodsse.Envelope{
+			Payload: stmt, PayloadType: pt, Signatures: []*protodsse.Signature{{Sig: sig}},
+		}},
+	}
+	raw, err := protojson.Marshal(pb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b sgbundle.Bundle
+	if err := b.UnmarshalJSON(raw); err != nil {
+		t.Fatal(err)
+	}
+	return &b
+}
+
+// Hole 10: a certificate with SANs {URI https://evil.example/wf, e-mail
+// ci@example.com} satisfies a policy for ci@example.com in both paths, and
+// the signer reported is the SAN that matched. A policy for another subject
+// still refuses it.
+func TestSignerIsTheMatchingSAN(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	c := newSANCA(t, e.vs)
+	leaf, key := c.leaf(t, []string{"https://evil.example/wf"}, []string{ident}, issuer)
+	want := issuer + " " + ident
+	for _, tt := range []struct {
+		name, subject, subjectRE string
+		verified                 bool
+	}{
+		{"subject", ident, "", true},
+		{"regexp", "", `ci@example\.com`, true},
+		{"another subject", "bob@example.com", "", false},
+	} {
+		p := policyFor(t, keylessYAML(c.rootPath, tt.subject, tt.subjectRE))
+		t.Run("legacy "+tt.name, func(t *testing.T) {
+			d := e.reg.pushImage(t, "san/legacy")
+			putSigManifest(t, d.Context(), sigTag(d), []sigLayer{c.legacySig(t, leaf, key, simplePayload(t, d))})
+			res := newTestVerifier(t, e.reg, nil).Verify(t.Context(), p, d.Context().Name(), d.DigestStr())
+			if !tt.verified {
+				if res.Verdict != verdict.Unverified || res.Reason != verdict.ReasonIdentityMismatch {
+					t.Fatalf("got %s/%s (%s), want unverified/identity-mismatch", res.Verdict, res.Reason, res.Detail)
+				}
+				return
+			}
+			if res.Verdict != verdict.Verified || len(res.Signers) != 1 || res.Signers[0] != want {
+				t.Fatalf("got %s/%s %q (%s), want verified by %q", res.Verdict, res.Reason, res.Signers, res.Detail, want)
+			}
+		})
+		t.Run("bundle "+tt.name, func(t *testing.T) {
+			d := e.reg.pushImage(t, "san/bundle")
+			tl := newTally(p)
+			v := newTestVerifier(t, e.reg, nil)
+			v.checkBundle(t.Context(), p, sigBundle{b: c.bundle(t, leaf, key, cosignStatement(t, d, "https://sigstore.dev/cosign/sign/v1"))}, d, tl)
+			if tl.met() != tt.verified {
+				t.Fatalf("met = %v, want %v (%v)", tl.met(), tt.verified, tl.failure())
+			}
+			if tt.verified && (len(tl.signers()) != 1 || tl.signers()[0] != want) {
+				t.Fatalf("signers %q, want %q", tl.signers(), want)
+			}
+		})
+	}
+}
+
+// Hole 4: requests to the hosts a registry redirects to are charged to that
+// registry's rate limiter: a redirect storm adds no limiter.
+func TestRedirectTargetsShareTheRegistryLimiter(t *testing.T) {
+	t.Parallel()
+	reg, storage := newTestRegistry(t, true), newTestRegistry(t, true)
+	d := reg.pushImage(t, "hostile/storm")
+	k := newTestKey(t, "ecdsa-p256")
+	reg.setFault(func(w http.ResponseWriter, r *http.Request) bool {
+		if strings.HasSuffix(r.URL.Path, ".sig") {
+			http.Redirect(w, r, "http://"+storage.host+r.URL.Path, http.StatusTemporaryRedirect)
+			return true
+		}
+		return false
+	})
+	v := newTestVerifier(t, reg, func(o *Options) {
+		o.Registries.Insecure = append(o.Registries.Insecure, storage.host)
+		o.RegistryQPS, o.RegistryBurst = 1000, 100
+	})
+	res := v.Verify(t.Context(), policyFor(t, keysYAML("", 0, false, k)), d.Context().Name(), d.DigestStr())
+	if storage.requests.Load() == 0 {
+		t.Fatalf("the redirect was not followed (%s/%s: %s)", res.Verdict, res.Reason, res.Detail)
+	}
+	if n := v.rt.(*guardTransport).limits.len(); n != 1 {
+		t.Fatalf("%d rate limiters after one verification redirected to another host, want 1 (the registry's)", n)
+	}
+}
+
+func TestRedactURLs(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ in, want string }{
+		{`Get "https://bucket.s3.example/blob?X-Amz-Signature=abc&X-Amz-Credential=AKIA": EOF`, `Get "https://bucket.s3.example/blob?REDACTED": EOF`},
+		{`Get "https://user:pass@host.example:8443/v2/x": refused`, `Get "https://host.example:8443/v2/x": refused`},
+		{`Get "https://user:***@host.example/p?q=1#frag": x`, `Get "https://host.example/p?REDACTED": x`},
+		{`GET https://host.example/v2/r/manifests/sha256-ab.sig: unexpected status code 403`, `GET https://host.example/v2/r/manifests/sha256-ab.sig: unexpected status code 403`},
+		{`two: http://a.example/?t=1 and https://u@b.example?x=2`, `two: http://a.example/?REDACTED and https://b.example?REDACTED`},
+		{`no url here: token=abc`, `no url here: token=abc`},
+	}
+	for _, tt := range tests {
+		if got := redactURLs(tt.in); got != tt.want {
+			t.Errorf("redactURLs(%q)\n got %q\nwant %q", tt.in, got, tt.want)
+		}
 	}
 }

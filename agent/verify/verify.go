@@ -38,13 +38,15 @@ type Options struct {
 	CredentialHelperDir string
 	// MaxInFlightPerHost caps concurrent requests to one host (default 16).
 	MaxInFlightPerHost int
-	// RequestTimeout bounds one HTTP request including its body (default 15s).
+	// RequestTimeout bounds one HTTP request including its body and all its
+	// redirect hops (at most 10) (default 15s).
 	RequestTimeout time.Duration
 	// VerifyTimeout bounds one Verify or Resolve call (default 2m).
 	VerifyTimeout time.Duration
 	// Retries on 429, 5xx and network errors (default 3; negative: none).
 	Retries int
-	// RetryBackoff is the first backoff step, doubled per attempt, with jitter (default 500ms).
+	// RetryBackoff is the first backoff step, doubled per attempt up to 5s,
+	// each step plus a random 0-50% of it (default 500ms).
 	RetryBackoff time.Duration
 	// MaxSignatures caps the layers of a .sig manifest (default 100).
 	MaxSignatures int
