@@ -137,8 +137,9 @@ func TestVerifyDistribution(t *testing.T) {
 		for i := range n {
 			refs[i] = lp.host + "/" + repos[i] + "@" + digests[i]
 		}
-		cfg := writeConfig(t, dir, agentConfig{endpoint: "unix:///nonexistent.sock", stateDir: filepath.Join(dir, "state"),
-			insecure: []string{lp.host}, images: lp.host + "/bench/**", keyPath: s.PubPath})
+		c := benchConfig(t, "unix:///nonexistent.sock", dir, lp.host+"/bench/**", s.PubPath, lp.host)
+		c.MetricsAddress, c.StatusAddress = "", ""
+		cfg := writeConfig(t, dir, c)
 		var pw []time.Duration
 		var reqs float64
 		for range runs {
