@@ -124,6 +124,7 @@ func TestVerifyDistribution(t *testing.T) {
 		repos[i] = fmt.Sprintf("bench/app-%d", i)
 		digests[i] = pushSigned(t, s, fmt.Sprintf("%s/%s:v1", reg.Host, repos[i])).DigestStr()
 	}
+	cosign := harness.RequireBinary(t, "cosign")
 	runs := envInt("PINWARDEN_BENCH_VERIFY_RUNS", 5)
 	cosignRuns := envInt("PINWARDEN_BENCH_COSIGN_RUNS", 1)
 	for _, delay := range []time.Duration{0, 20 * time.Millisecond} {
@@ -158,7 +159,7 @@ func TestVerifyDistribution(t *testing.T) {
 		var cs []time.Duration
 		for range cosignRuns {
 			cmd := exec.Command("bash", append([]string{"-c", script, "loop"}, refs...)...)
-			cmd.Env = append(os.Environ(), "COSIGN="+cosignBin(t), "KEY="+s.PubPath, "ERR="+filepath.Join(dir, "cosign.err"),
+			cmd.Env = append(os.Environ(), "COSIGN="+cosign, "KEY="+s.PubPath, "ERR="+filepath.Join(dir, "cosign.err"),
 				"COSIGN_EXPERIMENTAL=0", "TUF_ROOT="+filepath.Join(dir, "tuf"))
 			start := time.Now()
 			if out, err := cmd.CombinedOutput(); err != nil {
