@@ -148,6 +148,7 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		}
 		anon := *cfg
 		anon.Registries.DockerConfig = ""
+		anon.Registries.CredentialProviderConfig, anon.Registries.CredentialProviderBinDir = "", ""
 		if verifier, err = NewVerifier(&anon, logger.With("component", "verify")); err != nil {
 			return ConfigError{err}
 		}
@@ -378,7 +379,8 @@ func (c *liveCredentials) Credentials(host string) (authn.AuthConfig, bool) {
 }
 
 // verifierKey identifies what a verifier is built from: the registry
-// settings and the docker config's content ("" when it cannot be read).
+// settings and the content of the docker config and the credential provider
+// config ("" when one cannot be read).
 func verifierKey(cfg *config.Config, unusable error) string {
 	if unusable != nil {
 		return "" // built without the files: any loadable config differs
@@ -386,8 +388,11 @@ func verifierKey(cfg *config.Config, unusable error) string {
 	b, _ := json.Marshal(cfg.Registries) // plain struct: cannot fail
 	h := sha256.Sum256(b)
 	key := hex.EncodeToString(h[:])
-	if cfg.Registries.DockerConfig != "" {
-		fh, err := config.FileHash(cfg.Registries.DockerConfig)
+	for _, f := range []string{cfg.Registries.DockerConfig, cfg.Registries.CredentialProviderConfig} {
+		if f == "" {
+			continue
+		}
+		fh, err := config.FileHash(f)
 		if err != nil {
 			return ""
 		}

@@ -62,7 +62,7 @@ for m in "${micro[@]}"; do
 done
 
 # --- end-to-end benchmarks (bench/, PINWARDEN_BENCH=1) ---------------------
-for name in TestVerifyCLI TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase; do
+for name in TestVerifyCLI TestVerifyDistribution TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase; do
   cmd="PINWARDEN_BENCH=1 go test -v -count=1 -timeout 12m -run '^$name\$' ./bench"
   say "$cmd"
   # CI=true: a missing tool fails the benchmark instead of skipping its row.

@@ -200,6 +200,7 @@ func (c *Config) Files() []string {
 	}
 	add(c.TrustedRoot)
 	add(c.Registries.DockerConfig)
+	add(c.Registries.CredentialProviderConfig)
 	for _, p := range c.Policies {
 		for _, k := range p.Keys {
 			add(k)

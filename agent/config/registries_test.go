@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -60,5 +61,30 @@ func TestRegistriesNodeSources(t *testing.T) {
 	}
 	if c.Registries.CredentialProviderConfig != cpc || c.Registries.CredentialProviderBinDir != bin {
 		t.Fatalf("relative paths not resolved: %+v", c.Registries)
+	}
+}
+
+// TestFilesWatchesCredentialProviderConfig: the kubelet's credential
+// provider config is watched like the docker config.
+func TestFilesWatchesCredentialProviderConfig(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	for _, f := range []string{"cp.yaml", "config.json"} {
+		if err := os.WriteFile(filepath.Join(dir, f), []byte("{}"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Parse([]byte("registries: {dockerConfig: config.json, credentialProviderConfig: cp.yaml, credentialProviderBinDir: bin}"), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := c.Files()
+	for _, want := range []string{filepath.Join(dir, "config.json"), filepath.Join(dir, "cp.yaml")} {
+		if !slices.Contains(files, want) {
+			t.Errorf("Files() = %v, lacks %s", files, want)
+		}
 	}
 }

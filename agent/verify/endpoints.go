@@ -18,6 +18,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/registry/hosts"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"golang.org/x/sync/singleflight"
 )
 
 // Registry sessions: the ping (auth challenge) is cached per registry host,
@@ -33,7 +34,8 @@ const (
 )
 
 type sessions struct {
-	mu         sync.Mutex // guards challenges and tokens
+	group      singleflight.Group // one ping / token exchange at a time per key
+	mu         sync.Mutex         // guards challenges and tokens
 	challenges map[string]challengeEntry
 	tokens     map[string]tokenEntry
 }
@@ -64,12 +66,16 @@ func (s *sessions) challenge(ctx context.Context, reg name.Registry, rt http.Rou
 	if ok && time.Since(e.born) < challengeTTL {
 		return e.ch, nil
 	}
-	// ggcr pings both schemes for insecure and loopback registries;
-	// pinwarden knows which one the endpoint uses and skips the other.
-	ch, err := transport.Ping(ctx, reg, schemeOnly{next: rt, plain: plain})
+	// Concurrent cold verifications of one host share a single ping.
+	v, err, _ := s.group.Do("ping|"+key, func() (any, error) {
+		// ggcr pings both schemes for insecure and loopback registries;
+		// pinwarden knows which one the endpoint uses and skips the other.
+		return transport.Ping(ctx, reg, schemeOnly{next: rt, plain: plain})
+	})
 	if err != nil {
 		return nil, err
 	}
+	ch := v.(*transport.Challenge)
 	s.mu.Lock()
 	if len(s.challenges) >= maxSessionItems {
 		clear(s.challenges)
@@ -128,10 +134,13 @@ func (s *sessions) token(ctx context.Context, reg name.Registry, auth authn.Auth
 	if ok && time.Now().Before(e.expires) {
 		return e.tok, nil
 	}
-	tok, err := transport.Exchange(ctx, reg, auth, rt, []string{scope}, ch)
+	v, err, _ := s.group.Do("token|"+key, func() (any, error) {
+		return transport.Exchange(ctx, reg, auth, rt, []string{scope}, ch)
+	})
 	if err != nil {
 		return nil, err
 	}
+	tok := v.(*transport.Token)
 	ttl := defaultTokenTTL
 	if tok.ExpiresIn > 0 {
 		ttl = min(time.Duration(tok.ExpiresIn)*time.Second-tokenMargin, 5*time.Minute)

@@ -342,3 +342,36 @@ func (c *countingProxy) start(t *testing.T, backend string) string {
 	t.Cleanup(srv.Close)
 	return strings.TrimPrefix(srv.URL, "http://")
 }
+
+// TestConcurrentColdVerificationsPingOnce: 16 cold verifications of one host
+// at once share one ping.
+func TestConcurrentColdVerificationsPingOnce(t *testing.T) {
+	t.Parallel()
+	reg := harness.StartDistributionWith(t, harness.DistributionOptions{})
+	counting := &countingProxy{}
+	host := counting.start(t, reg.Host)
+	signer := harness.NewSigner(t)
+	const n = 16
+	digests := make([]string, n)
+	for i := range n {
+		digests[i] = harness.PushRandomImage(t, fmt.Sprintf("%s/team/app-%d:v1", reg.Host, i), 128)
+		signer.Sign(t, fmt.Sprintf("%s/team/app-%d", reg.Host, i), digests[i])
+	}
+	v, err := New(Options{Registries: config.Registries{Insecure: []string{host}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := signerPolicy(t, signer)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			if res := v.Verify(t.Context(), p, fmt.Sprintf("%s/team/app-%d", host, i), digests[i]); res.Verdict != verdict.Verified {
+				t.Errorf("%d: %s/%s: %s", i, res.Verdict, res.Reason, res.Detail)
+			}
+		})
+	}
+	wg.Wait()
+	if got, want := counting.n.Load(), int64(1+2*n); got != want {
+		t.Fatalf("%d requests for %d cold verifications, want %d (one ping)", got, n, want)
+	}
+}
