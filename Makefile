@@ -17,7 +17,7 @@ build: ## build the static binary bin/pinwarden
 
 image: ## build the OCI image (static binary, CA certificates, non-root user) into bin/image (OCI layout) and print its digest
 	CGO_ENABLED=0 GOOS=linux $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/image-pinwarden ./cmd/pinwarden
-	cd deploy && $(GO) run ./cmd/mkimage -binary ../bin/image-pinwarden -out ../bin/image -version $(VERSION) -commit $(COMMIT)
+	cd deploy && $(GO) run ./cmd/mkimage -binary $(CURDIR)/bin/image-pinwarden -out $(CURDIR)/bin/image -version $(VERSION) -commit $(COMMIT)
 
 test: build ## unit + integration + e2e tests with -race (real containerd 1.6 and 2.4, registries, cosign); needs root. bench/ runs under make bench
 	PINWARDEN_BIN=$(CURDIR)/$(BIN) $(GO) test -race -count=1 -timeout 40m $$($(GO) list ./... | grep -v '/bench$$')
