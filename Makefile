@@ -7,7 +7,7 @@ LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 BIN     := bin/pinwarden
 FUZZTIME ?= 10s
 
-.PHONY: help build image test test-unit fuzz demo bench lint clean tools
+.PHONY: help build image test test-unit fuzz demo bench lint clean tools tools-demo
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,7 +32,7 @@ fuzz: ## run every fuzz target for FUZZTIME each
 	    echo "fuzz $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; done
 
-demo: build ## run the agent for real: private containerd, local registry, signed/unsigned/drifted images
+demo: ## run the agent for real: private containerd 1.6, local registry, signed/unsigned/drifted images (builds, timed)
 	bash test/demo/demo.sh
 
 bench: build ## run the benchmarks in bench/ and write bench/RESULTS.md
@@ -45,6 +45,9 @@ lint: ## gofmt and go vet
 
 tools: ## install what the tests need (Debian packages and Go tools); run as root
 	bash .ci/install.sh
+
+tools-demo: ## install only what make demo needs (Debian containerd and docker-registry); run as root
+	bash .ci/install.sh demo
 
 clean: ## remove build output
 	rm -rf bin

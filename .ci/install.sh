@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Installs everything pinwarden's tests and demo need on a fresh Debian machine
-# (run as root). Idempotent: what is already there is kept.
+# Installs what pinwarden's tests and demo need on a fresh Debian machine (run
+# as root). Idempotent: what is already there is kept.
+#
+#   .ci/install.sh        everything make test and CI need: Debian's containerd
+#                         (1.6), runc, docker-registry, prometheus (promtool) and
+#                         skopeo, then `go install` of containerd v2.4.2, crictl,
+#                         cosign and crane (minutes of compiling on a fresh machine)
+#   .ci/install.sh demo   only what make demo needs: Debian's containerd and
+#                         docker-registry (seconds; no Go tool is built)
 set -euo pipefail
+mode=${1:-all}
+case $mode in all | demo) ;; *) echo "usage: $0 [demo]" >&2; exit 2 ;; esac
 
 need_apt=()
 command -v /usr/bin/containerd >/dev/null 2>&1 || need_apt+=(containerd)
-command -v runc >/dev/null 2>&1 || need_apt+=(runc)
 command -v docker-registry >/dev/null 2>&1 || need_apt+=(docker-registry)
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+if [ "$mode" = all ]; then
+  command -v runc >/dev/null 2>&1 || need_apt+=(runc)
+  command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+  command -v skopeo >/dev/null 2>&1 || need_apt+=(skopeo)
+fi
 if ((${#need_apt[@]})); then
+  echo "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  # The Debian packages start their services; tests run private instances.
+  # The Debian packages start their services; tests and the demo run private
+  # instances.
   systemctl stop containerd docker-registry prometheus 2>/dev/null || true
   pkill -x docker-registry 2>/dev/null || true
   pkill -x prometheus 2>/dev/null || true
+fi
+if [ "$mode" = demo ]; then
+  echo "demo tools ready: containerd $(/usr/bin/containerd --version | awk '{print $3}'), $(command -v docker-registry)"
+  exit 0
 fi
 
 gobin="$(go env GOPATH)/bin"

@@ -1,29 +1,17 @@
 package bench
 
 import (
-	"bufio"
-	"bytes"
-	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
-	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
 
@@ -101,47 +89,6 @@ func pinwardenBin(t *testing.T) string {
 	return p
 }
 
-// countingRegistry is ggcr's in-memory registry behind a middleware that
-// counts every request, and separately those made by pinwarden (its
-// User-Agent starts with "pinwarden").
-type countingRegistry struct {
-	host      string
-	all       atomic.Int64
-	pinwarden atomic.Int64
-
-	mu    sync.Mutex
-	paths []string // guarded by mu: URL paths of pinwarden's requests
-}
-
-// pinwardenPaths returns the URL paths of pinwarden's requests so far.
-func (cr *countingRegistry) pinwardenPaths() []string {
-	cr.mu.Lock()
-	defer cr.mu.Unlock()
-	return slices.Clone(cr.paths)
-}
-
-func startRegistry(t *testing.T) *countingRegistry {
-	t.Helper()
-	cr := &countingRegistry{}
-	reg := harness.RegistryHandler()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		cr.all.Add(1)
-		if strings.HasPrefix(r.UserAgent(), "pinwarden") {
-			cr.pinwarden.Add(1)
-			cr.mu.Lock()
-			cr.paths = append(cr.paths, r.URL.Path)
-			cr.mu.Unlock()
-			if os.Getenv("PINWARDEN_BENCH_TRACE") != "" {
-				t.Logf("registry: %s %s", r.Method, r.URL.Path)
-			}
-		}
-		reg.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	cr.host = strings.TrimPrefix(srv.URL, "http://")
-	return cr
-}
-
 // pushSigned pushes a random ~1 KiB linux/amd64 image to ref (repo:tag),
 // signs it with s and returns the digest reference.
 func pushSigned(t *testing.T, s *harness.Signer, ref string) name.Digest {
@@ -155,193 +102,35 @@ func pushSigned(t *testing.T, s *harness.Signer, ref string) name.Digest {
 	return tag.Context().Digest(d)
 }
 
-// agentConfig is what the benchmarks vary in the agent's config file.
-type agentConfig struct {
-	endpoint, stateDir, metrics, status string
-	insecure                            []string
-	images                              string // policy glob
-	keyPath                             string
-	extra                               string   // more lines of the registries: block
-	env                                 []string // extra environment of the agent process
-}
-
-func writeConfig(t *testing.T, dir string, c agentConfig) string {
+// benchConfig is the agent config of the end-to-end benchmarks: containerd
+// at endpoint, state under dir, listeners on free loopback ports, and one
+// policy "bench" that requires keyPath's signature for the images matching
+// glob; insecure registries are reached over plain HTTP.
+func benchConfig(t *testing.T, endpoint, dir, glob, keyPath string, insecure ...string) *config.Config {
 	t.Helper()
-	ins, _ := json.Marshal(c.insecure)
-	if c.insecure == nil {
-		ins = []byte("[]")
-	}
-	y := fmt.Sprintf(`runtimeEndpoint: %q
-containerdNamespace: k8s.io
-nodeName: bench-node
-stateDir: %q
-metricsAddress: %q
-statusAddress: %q
-registries:
-  insecure: %s
-%spolicies:
-  - name: bench
-    images: [%q]
-    keys: [%q]
-prefetch: {enabled: false}
-kubernetes: {enabled: false}
-`, c.endpoint, c.stateDir, c.metrics, c.status, ins, c.extra, c.images, c.keyPath)
-	p := filepath.Join(dir, "config.yaml")
-	if err := os.WriteFile(p, []byte(y), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
+	c := harness.AgentConfig(endpoint, filepath.Join(dir, "state"))
+	c.NodeName = "bench-node"
+	c.MetricsAddress, c.StatusAddress = harness.FreeAddr(t), harness.FreeAddr(t)
+	c.Registries.Insecure = append(c.Registries.Insecure, insecure...)
+	c.Policies = []config.Policy{harness.KeyPolicy("bench", glob, keyPath)}
+	return c
 }
 
-// agentProc is a running `pinwarden agent`.
-type agentProc struct {
-	t       *testing.T
-	cmd     *exec.Cmd
-	done    chan struct{}
-	metrics string
-	status  string
-	client  *http.Client
-	log     string
-}
-
-// startAgent execs `pinwarden agent --config cfg` and returns at once.
-func startAgent(t *testing.T, cfg agentConfig, cfgPath string) *agentProc {
+// writeConfig writes c to dir/config.yaml and returns the path.
+func writeConfig(t *testing.T, dir string, c *config.Config) string {
 	t.Helper()
-	logPath := filepath.Join(filepath.Dir(cfgPath), fmt.Sprintf("agent-%d.log", time.Now().UnixNano()))
-	lf, err := os.Create(logPath)
-	if err != nil {
-		t.Fatal(err)
+	return harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), c)
+}
+
+// startAgent execs `pinwarden agent --config cfgPath` (c is the config in
+// that file) with env added to its environment, and returns at once.
+// $PINWARDEN_BENCH_KEEP_LOGS names a directory to copy the agent's log to.
+func startAgent(t *testing.T, c *config.Config, cfgPath string, env ...string) *harness.Agent {
+	t.Helper()
+	a := harness.ExecAgent(t, pinwardenBin(t), cfgPath, c.MetricsAddress, c.StatusAddress, harness.WithAgentEnv(env...))
+	if keep := os.Getenv("PINWARDEN_BENCH_KEEP_LOGS"); keep != "" {
+		n := strings.ReplaceAll(t.Name(), "/", "_") + fmt.Sprintf("-agent-%d.log", time.Now().UnixNano())
+		t.Cleanup(func() { _ = os.WriteFile(filepath.Join(keep, n), []byte(a.Log()), 0o644) })
 	}
-	cmd := exec.Command(pinwardenBin(t), "agent", "--config", cfgPath) //nolint:gosec // the binary under test
-	cmd.Stdout, cmd.Stderr = lf, lf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if len(cfg.env) > 0 {
-		cmd.Env = append(os.Environ(), cfg.env...)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start agent: %v", err)
-	}
-	a := &agentProc{t: t, cmd: cmd, done: make(chan struct{}), metrics: cfg.metrics, status: cfg.status, log: logPath,
-		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}}
-	go func() { _ = cmd.Wait(); _ = lf.Close(); close(a.done) }()
-	t.Cleanup(func() {
-		a.stop()
-		if keep := os.Getenv("PINWARDEN_BENCH_KEEP_LOGS"); keep != "" {
-			if b, err := os.ReadFile(logPath); err == nil {
-				_ = os.WriteFile(filepath.Join(keep, strings.ReplaceAll(t.Name(), "/", "_")+"-"+filepath.Base(logPath)), b, 0o644)
-			}
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logPath)
-			if len(b) > 4000 {
-				b = b[len(b)-4000:]
-			}
-			t.Logf("agent log tail:\n%s", b)
-		}
-	})
 	return a
-}
-
-// stop sends SIGTERM and waits (SIGKILL after 10 s).
-func (a *agentProc) stop() {
-	select {
-	case <-a.done:
-		return
-	default:
-	}
-	_ = a.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-a.done:
-	case <-time.After(10 * time.Second):
-		_ = a.cmd.Process.Kill()
-		<-a.done
-	}
-}
-
-func (a *agentProc) get(ctx context.Context, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := a.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: HTTP %d", url, resp.StatusCode)
-	}
-	return b, nil
-}
-
-// waitReady polls /readyz until the agent has listed the runtime.
-func (a *agentProc) waitReady(timeout time.Duration) {
-	a.t.Helper()
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
-		if _, err := a.get(a.t.Context(), "http://"+a.metrics+"/readyz"); err == nil {
-			return
-		}
-		select {
-		case <-a.done:
-			a.t.Fatal("agent exited before it was ready")
-		case <-time.After(2 * time.Millisecond):
-		}
-	}
-	a.t.Fatalf("agent not ready after %s", timeout)
-}
-
-// images fetches GET /v1/images.
-func (a *agentProc) images(ctx context.Context) ([]status.Image, error) {
-	b, err := a.get(ctx, "http://"+a.status+status.Path)
-	if err != nil {
-		return nil, err
-	}
-	var out []status.Image
-	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, err
-	}
-	return out, nil
-}
-
-// metricValue returns the value of the sample line that starts with series
-// (e.g. `pinwarden_images{verdict="verified"}`) on /metrics.
-func (a *agentProc) metricValue(ctx context.Context, series string) (float64, error) {
-	b, err := a.get(ctx, "http://"+a.metrics+"/metrics")
-	if err != nil {
-		return 0, err
-	}
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			return strconv.ParseFloat(strings.TrimSpace(rest), 64)
-		}
-	}
-	return 0, nil
-}
-
-// logTime returns the time of the first line of the agent's log that
-// contains msg (slog text: time=RFC3339 ... msg="..."), or the zero time.
-func (a *agentProc) logTime(msg string) time.Time {
-	b, err := os.ReadFile(a.log)
-	if err != nil {
-		return time.Time{}
-	}
-	for line := range strings.SplitSeq(string(b), "\n") {
-		if !strings.Contains(line, `msg="`+msg+`"`) {
-			continue
-		}
-		f, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
-		at, err := time.Parse(time.RFC3339Nano, f)
-		if err == nil {
-			return at
-		}
-	}
-	return time.Time{}
 }

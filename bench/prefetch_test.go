@@ -16,11 +16,8 @@ import (
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/prefetch"
 	"github.com/pinwarden/pinwarden/agent/verify"
-	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
-
-const crictlPath = "/root/go/bin/crictl"
 
 // prefetchFixture is a loopback registry holding n signed random images of
 // size bytes each, and a judge that requires their signer's key.
@@ -45,13 +42,12 @@ func newPrefetchFixture(t *testing.T, n, size int) *prefetchFixture {
 		}
 		f.pins = append(f.pins, p)
 	}
-	yaml := fmt.Sprintf("registries:\n  insecure: [%q]\npolicies:\n- name: bench\n  images: [\"%s/**\"]\n  keys: [%q]\n", reg, reg, s.PubPath)
+	c := harness.AgentConfig("unix:///nonexistent.sock", t.TempDir())
+	c.Registries.Insecure = []string{reg}
+	c.Policies = []config.Policy{harness.KeyPolicy("bench", reg+"/**", s.PubPath)}
 	f.judge = func(t *testing.T) *judge.Judge {
 		t.Helper()
-		cfg, err := config.Parse([]byte(yaml), "")
-		if err != nil {
-			t.Fatal(err)
-		}
+		cfg := harness.Parsed(t, c)
 		set, err := policy.Compile(cfg)
 		if err != nil {
 			t.Fatal(err)
@@ -63,16 +59,6 @@ func newPrefetchFixture(t *testing.T, n, size int) *prefetchFixture {
 		return judge.New(set, v)
 	}
 	return f
-}
-
-func dialCRI(t *testing.T, ctd *harness.Containerd) *cri.Client {
-	t.Helper()
-	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
 }
 
 func benchEnvInt(name string, def int) int {
@@ -90,7 +76,7 @@ func benchEnvInt(name string, def int) int {
 // parallelism (a global lock, a serial verify) or verification dominating.
 func TestPrefetchVsCrictl(t *testing.T) {
 	gate(t)
-	harness.RequireBinary(t, crictlPath)
+	crictlPath := harness.RequireBinary(t, "crictl")
 	n := benchEnvInt("PINWARDEN_BENCH_PREFETCH_IMAGES", 20)
 	rounds := benchEnvInt("PINWARDEN_BENCH_ROUNDS", 3)
 	f := newPrefetchFixture(t, n, 3<<20)
@@ -100,7 +86,7 @@ func TestPrefetchVsCrictl(t *testing.T) {
 	for round := range rounds {
 		// pinwarden: verify + pull, bounded concurrency.
 		ctdA := harness.StartContainerd(t, harness.WithFlavour(harness.Containerd2), harness.WithInsecureRegistry(f.reg))
-		pf := prefetch.New(f.judge(t), dialCRI(t, ctdA), nil, prefetch.Options{Concurrency: 4, PinGC: true})
+		pf := prefetch.New(f.judge(t), harness.DialCRI(t, ctdA), nil, prefetch.Options{Concurrency: 4, PinGC: true})
 		start := time.Now()
 		for _, o := range pf.Once(t.Context(), f.pins, nil) {
 			if o.Result != prefetch.ResultPulled {
@@ -115,7 +101,7 @@ func TestPrefetchVsCrictl(t *testing.T) {
 		for _, p := range f.pins {
 			ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 			out, err := exec.CommandContext(ctx, crictlPath, "--runtime-endpoint", ctdB.Endpoint(), "--image-endpoint", ctdB.Endpoint(),
-				"pull", p.Ref()).CombinedOutput() //nolint:gosec // the benchmark runs a known binary
+				"pull", p.Ref()).CombinedOutput()
 			cancel()
 			if err != nil {
 				t.Fatalf("crictl pull %s: %v\n%s", p.Ref(), err, out)
@@ -143,7 +129,7 @@ func TestIfNotPresentImagePhase(t *testing.T) {
 	n := benchEnvInt("PINWARDEN_BENCH_PREFETCH_IMAGES", 20)
 	f := newPrefetchFixture(t, 2*n, 3<<20)
 	ctd := harness.StartContainerd(t, harness.WithFlavour(harness.Containerd2), harness.WithInsecureRegistry(f.reg))
-	c := dialCRI(t, ctd)
+	c := harness.DialCRI(t, ctd)
 	prefetched, cold := f.pins[:n], f.pins[n:]
 	pf := prefetch.New(f.judge(t), c, nil, prefetch.Options{Concurrency: 4, PinGC: true})
 	for _, o := range pf.Once(t.Context(), prefetched, nil) {

@@ -4,14 +4,12 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/pinwarden/pinwarden/agent/verdict"
-	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
 
@@ -27,25 +25,19 @@ func TestPullToVerdict(t *testing.T) {
 		n = v
 	}
 	dir := t.TempDir()
-	reg := startRegistry(t)
+	reg := harness.StartCountingRegistry(t)
 	s := harness.NewSigner(t)
-	ctd := harness.StartContainerd(t, harness.WithFlavour(harness.Containerd2), harness.WithInsecureRegistry(reg.host))
+	ctd := harness.StartContainerd(t, harness.WithFlavour(harness.Containerd2), harness.WithInsecureRegistry(reg.Host))
 	refs := make([]string, n)
 	digests := make([]string, n)
 	for i := range n {
-		refs[i] = fmt.Sprintf("%s/bench/pull-%d:v1", reg.host, i)
+		refs[i] = fmt.Sprintf("%s/bench/pull-%d:v1", reg.Host, i)
 		digests[i] = pushSigned(t, s, refs[i]).DigestStr()
 	}
-	ac := agentConfig{endpoint: ctd.Endpoint(), stateDir: filepath.Join(dir, "state"), metrics: harness.FreeAddr(t), status: harness.FreeAddr(t),
-		insecure: []string{reg.host}, images: reg.host + "/bench/**", keyPath: s.PubPath}
-	a := startAgent(t, ac, writeConfig(t, dir, ac))
-	a.waitReady(30 * time.Second)
-
-	rt, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rt.Close()
+	c := benchConfig(t, ctd.Endpoint(), dir, reg.Host+"/bench/**", s.PubPath, reg.Host)
+	a := startAgent(t, c, writeConfig(t, dir, c))
+	a.WaitReady(30 * time.Second)
+	rt := harness.DialCRI(t, ctd)
 
 	ids := make([]string, n) // image IDs (config digests) as CRI reports them
 	// pullAll pulls every image in turn and returns the pull->verdict latencies.
@@ -64,7 +56,7 @@ func TestPullToVerdict(t *testing.T) {
 			}
 			start := time.Now()
 			for {
-				v := a.verdictOf(ctx, digests[i])
+				v := verdictOf(ctx, a, digests[i])
 				if v == verdict.Verified {
 					break
 				}
@@ -98,12 +90,12 @@ func TestPullToVerdict(t *testing.T) {
 		}
 		return k
 	}
-	before := reg.pinwarden.Load()
+	before := reg.PinwardenRequests()
 	coldStart := time.Now()
 	cold := pullAll("cold")
 	coldRate := float64(n) / time.Since(coldStart).Seconds()
-	perVerification := float64(reg.pinwarden.Load()-before) / float64(n)
-	coldSpurious := spurious(reg.pinwardenPaths())
+	perVerification := float64(reg.PinwardenRequests()-before) / float64(n)
+	coldSpurious := spurious(reg.PinwardenPaths())
 
 	// Remove every image and wait until the agent has forgotten them, so
 	// that the warm pulls see a new digest whose verdict only the cache has.
@@ -112,24 +104,17 @@ func TestPullToVerdict(t *testing.T) {
 			t.Fatalf("remove %s: %v", r, err)
 		}
 	}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		imgs, err := a.images(t.Context())
-		if err == nil && len(imgs) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("agent still lists %d images a minute after they were removed", len(imgs))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	before = reg.pinwarden.Load()
-	nPaths := len(reg.pinwardenPaths())
+	harness.Eventually(t, time.Minute, "the agent to forget the removed images", func() (bool, string) {
+		imgs, err := a.TryImages(t.Context())
+		return err == nil && len(imgs) == 0, fmt.Sprintf("%d images listed (%v)", len(imgs), err)
+	})
+	before = reg.PinwardenRequests()
+	nPaths := len(reg.PinwardenPaths())
 	warm := pullAll("warm")
-	warmReqs := reg.pinwarden.Load() - before
-	warmSpurious := spurious(reg.pinwardenPaths()[nPaths:])
+	warmReqs := reg.PinwardenRequests() - before
+	warmSpurious := spurious(reg.PinwardenPaths()[nPaths:])
 	if warmReqs > 0 {
-		t.Logf("agent requests during the warm pulls: %q", reg.pinwardenPaths()[nPaths:])
+		t.Logf("agent requests during the warm pulls: %q", reg.PinwardenPaths()[nPaths:])
 	}
 
 	cp50, cp99 := percentile(cold, 50), percentile(cold, 99)
@@ -147,8 +132,8 @@ func TestPullToVerdict(t *testing.T) {
 
 // verdictOf returns the verdict /v1/images shows for digest, or "" when the
 // digest is not listed (or the agent did not answer).
-func (a *agentProc) verdictOf(ctx context.Context, digest string) verdict.Verdict {
-	imgs, err := a.images(ctx)
+func verdictOf(ctx context.Context, a *harness.Agent, digest string) verdict.Verdict {
+	imgs, err := a.TryImages(ctx)
 	if err != nil {
 		return ""
 	}

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -24,6 +23,7 @@ import (
 
 	"github.com/pinwarden/pinwarden/agent"
 	"github.com/pinwarden/pinwarden/agent/cache"
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
@@ -71,15 +71,14 @@ func TestRelistAndIdle(t *testing.T) {
 			t.Logf("containerd restarted in %s", time.Since(start).Round(time.Millisecond))
 
 			s := harness.NewSigner(t)
-			ac := agentConfig{endpoint: ctd.Endpoint(), stateDir: filepath.Join(dir, "state"), metrics: harness.FreeAddr(t), status: harness.FreeAddr(t),
-				images: benchRegistry + "/**", keyPath: s.PubPath}
+			ac := benchConfig(t, ctd.Endpoint(), dir, benchRegistry+"/**", s.PubPath)
 			cfgPath := writeConfig(t, dir, ac)
-			seedCache(t, cfgPath, ac.stateDir, digests)
+			seedCache(t, cfgPath, ac.StateDir, digests)
 
 			// First run: warms the agent's own view of the cache file; then
 			// the measured restart on the same stateDir.
-			first, _ := runUntilJudged(t, ac, cfgPath, tc.n, false)
-			took, a := runUntilJudged(t, ac, cfgPath, tc.n, true)
+			first, _ := runUntilJudged(t, ac, cfgPath, tc.n, false, nil)
+			took, a := runUntilJudged(t, ac, cfgPath, tc.n, true, nil)
 			goal, met := "", ""
 			if tc.relistGoal > 0 {
 				goal, met = "<= "+tc.relistGoal.String(), verdictMet(took <= tc.relistGoal)
@@ -91,7 +90,7 @@ func TestRelistAndIdle(t *testing.T) {
 
 			// Idle: let the start-up settle, then measure over the window.
 			time.Sleep(5 * time.Second)
-			pid := a.cmd.Process.Pid
+			pid := a.PID()
 			cpu0, at0 := cpuTicks(t, pid), time.Now()
 			window := idle
 			if tc.n == 0 {
@@ -113,7 +112,7 @@ func TestRelistAndIdle(t *testing.T) {
 			if tc.n == 0 {
 				return
 			}
-			a.stop()
+			a.Stop()
 
 			// The runtime's share of a relist: the three calls the inventory
 			// makes, timed from here (median of 3).
@@ -146,13 +145,12 @@ func TestRelistAndIdle(t *testing.T) {
 			// The same start with GOMEMLIMIT at the RSS goal, as the DaemonSet
 			// sets it from its memory limit: informational, the goal row above
 			// is the default runtime.
-			lim := ac
-			lim.env = []string{fmt.Sprintf("GOMEMLIMIT=%.0fMiB", tc.rssGoalMiB)}
-			_, la := runUntilJudged(t, lim, cfgPath, tc.n, true)
+			limit := []string{fmt.Sprintf("GOMEMLIMIT=%.0fMiB", tc.rssGoalMiB)}
+			_, la := runUntilJudged(t, ac, cfgPath, tc.n, true, limit)
 			time.Sleep(5 * time.Second)
 			record(t, fmt.Sprintf("agent RSS with %d images and GOMEMLIMIT=%.0fMiB, 5 s after all verdicts (peak VmHWM %.1f MiB; %s)", tc.n, tc.rssGoalMiB,
-				float64(memKiB(t, la.cmd.Process.Pid, "VmHWM"))/1024, rssParts(t, la.cmd.Process.Pid)),
-				fmt.Sprintf("%.1f MiB", float64(memKiB(t, la.cmd.Process.Pid, "VmRSS"))/1024), "", "")
+				float64(memKiB(t, la.PID(), "VmHWM"))/1024, rssParts(t, la.PID())),
+				fmt.Sprintf("%.1f MiB", float64(memKiB(t, la.PID(), "VmRSS"))/1024), "", "")
 		})
 	}
 }
@@ -250,12 +248,12 @@ func seedCache(t *testing.T, cfgPath, stateDir string, digests []string) {
 // runUntilJudged starts the agent and returns the time from exec to
 // pinwarden_images{verdict="verified"} == n on /metrics, confirmed on
 // /v1/images. The agent is stopped unless keep.
-func runUntilJudged(t *testing.T, ac agentConfig, cfgPath string, n int, keep bool) (time.Duration, *agentProc) {
+func runUntilJudged(t *testing.T, ac *config.Config, cfgPath string, n int, keep bool, env []string) (time.Duration, *harness.Agent) {
 	t.Helper()
 	defer func() {
 		// Where the time went, from the agent's log.
 		if a := lastAgent; a != nil {
-			st, conn := a.logTime("agent started"), a.logTime("runtime connected")
+			st, conn := a.LogTime("agent started"), a.LogTime("runtime connected")
 			if !st.IsZero() && !conn.IsZero() {
 				lastBreakdown = fmt.Sprintf("config and cache loaded at +%s, first relist done at +%s",
 					st.Sub(lastStart).Round(time.Millisecond), conn.Sub(lastStart).Round(time.Millisecond))
@@ -264,11 +262,12 @@ func runUntilJudged(t *testing.T, ac agentConfig, cfgPath string, n int, keep bo
 		}
 	}()
 	start := time.Now()
-	a := startAgent(t, ac, cfgPath)
+	a := startAgent(t, ac, cfgPath, env...)
 	lastAgent, lastStart = a, start
 	deadline := start.Add(2 * time.Minute)
 	for {
-		v, err := a.metricValue(t.Context(), `pinwarden_images{verdict="verified"}`)
+		m, err := a.TryMetrics(t.Context())
+		v := m[`pinwarden_images{verdict="verified"}`]
 		if err == nil && int(v) == n {
 			break
 		}
@@ -276,13 +275,13 @@ func runUntilJudged(t *testing.T, ac agentConfig, cfgPath string, n int, keep bo
 			t.Fatalf("after 2 minutes the agent shows %v of %d images verified (err %v)", v, n, err)
 		}
 		select {
-		case <-a.done:
+		case <-a.Exited():
 			t.Fatal("agent exited")
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
 	took := time.Since(start)
-	imgs, err := a.images(t.Context())
+	imgs, err := a.TryImages(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -296,7 +295,7 @@ func runUntilJudged(t *testing.T, ac agentConfig, cfgPath string, n int, keep bo
 		t.Fatalf("/v1/images lists %d images, %d verified; want %d", len(imgs), verified, n)
 	}
 	if !keep {
-		a.stop()
+		a.Stop()
 	}
 	return took, a
 }
@@ -304,7 +303,7 @@ func runUntilJudged(t *testing.T, ac agentConfig, cfgPath string, n int, keep bo
 // lastAgent and lastStart are the agent runUntilJudged started last (tests
 // in this package do not run in parallel).
 var (
-	lastAgent     *agentProc
+	lastAgent     *harness.Agent
 	lastStart     time.Time
 	lastBreakdown string
 )

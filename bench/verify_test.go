@@ -23,23 +23,6 @@ import (
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
-// cosignBin is the cosign CLI compared against: $COSIGN_BIN, else
-// /root/go/bin/cosign, else cosign on PATH.
-func cosignBin(t *testing.T) string {
-	t.Helper()
-	if p := os.Getenv("COSIGN_BIN"); p != "" {
-		return p
-	}
-	if _, err := os.Stat("/root/go/bin/cosign"); err == nil {
-		return "/root/go/bin/cosign"
-	}
-	p, err := exec.LookPath("cosign")
-	if err != nil {
-		t.Fatal("cosign CLI not found (make tools installs it)")
-	}
-	return p
-}
-
 // TestVerifyCLI: `pinwarden verify` of 50 signed images on a loopback
 // registry against a shell loop of `cosign verify --key` over the same 50
 // digests, in the same run (issue 3: >= 50x), and the registry requests
@@ -48,14 +31,15 @@ func TestVerifyCLI(t *testing.T) {
 	gate(t)
 	const n = 50
 	dir := t.TempDir()
-	reg := startRegistry(t)
+	reg := harness.StartCountingRegistry(t)
 	s := harness.NewSigner(t)
 	refs := make([]string, n)
 	for i := range n {
-		refs[i] = pushSigned(t, s, fmt.Sprintf("%s/bench/app-%d:v1", reg.host, i)).String()
+		refs[i] = pushSigned(t, s, fmt.Sprintf("%s/bench/app-%d:v1", reg.Host, i)).String()
 	}
-	cfg := writeConfig(t, dir, agentConfig{endpoint: "unix:///nonexistent.sock", stateDir: filepath.Join(dir, "state"),
-		metrics: "", status: "", insecure: []string{reg.host}, images: reg.host + "/bench/**", keyPath: s.PubPath})
+	c := benchConfig(t, "unix:///nonexistent.sock", dir, reg.Host+"/bench/**", s.PubPath, reg.Host)
+	c.MetricsAddress, c.StatusAddress = "", ""
+	cfg := writeConfig(t, dir, c)
 
 	runs := 5
 	if v, err := strconv.Atoi(os.Getenv("PINWARDEN_BENCH_VERIFY_RUNS")); err == nil && v > 0 {
@@ -65,8 +49,8 @@ func TestVerifyCLI(t *testing.T) {
 		var took []time.Duration
 		var reqs []float64
 		for range runs {
-			before := reg.all.Load()
-			cmd := exec.Command(pinwardenBin(t), append([]string{"verify", "--config", cfg, "--output", "json"}, refs...)...) //nolint:gosec // the binary under test
+			before := reg.Requests()
+			cmd := exec.Command(pinwardenBin(t), append([]string{"verify", "--config", cfg, "--output", "json"}, refs...)...)
 			start := time.Now()
 			out, err := cmd.CombinedOutput()
 			d := time.Since(start)
@@ -74,14 +58,14 @@ func TestVerifyCLI(t *testing.T) {
 				t.Fatalf("pinwarden verify: %v\n%s", err, out)
 			}
 			took = append(took, d)
-			reqs = append(reqs, float64(reg.all.Load()-before)/n)
+			reqs = append(reqs, float64(reg.Requests()-before)/n)
 		}
 		t.Logf("pinwarden verify --config %s: %v", filepath.Base(filepath.Dir(cfg)), took)
 		return took, reqs
 	}
 	pw, reqs := pwVerify(cfg)
 
-	cosign := cosignBin(t)
+	cosign := harness.RequireBinary(t, "cosign")
 	// The shell loop a user would write; cosign's exit status is checked.
 	script := `for r in "$@"; do "$COSIGN" verify --key "$KEY" --insecure-ignore-tlog=true --allow-insecure-registry --allow-http-registry "$r" >/dev/null 2>"$ERR" || { cat "$ERR"; exit 1; }; done`
 	cosignRuns := 3
@@ -91,7 +75,7 @@ func TestVerifyCLI(t *testing.T) {
 	var cs []time.Duration
 	var cosignReqs float64
 	for range cosignRuns {
-		before := reg.all.Load()
+		before := reg.Requests()
 		cmd := exec.Command("bash", append([]string{"-c", script, "loop"}, refs...)...)
 		cmd.Env = append(os.Environ(), "COSIGN="+cosign, "KEY="+s.PubPath, "ERR="+filepath.Join(dir, "cosign.err"),
 			"COSIGN_EXPERIMENTAL=0", "TUF_ROOT="+filepath.Join(dir, "tuf"))
@@ -103,7 +87,7 @@ func TestVerifyCLI(t *testing.T) {
 		}
 		cs = append(cs, took)
 		t.Logf("cosign loop: %s", took)
-		cosignReqs = float64(reg.all.Load()-before) / n
+		cosignReqs = float64(reg.Requests()-before) / n
 	}
 	pm, cm := median(pw), median(cs)
 	ratio := float64(cm) / float64(pm)

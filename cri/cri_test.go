@@ -3,6 +3,7 @@ package cri_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -64,14 +65,9 @@ func TestClient(t *testing.T) {
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			t.Parallel()
-			reg := harness.StartRegistry(t)
-			ctd := harness.StartContainerd(t, harness.WithFlavour(f), harness.WithInsecureRegistry(reg))
 			fake := critest.NewFakeRuntimeService()
-			c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io", cri.WithRuntimeService(fake))
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = c.Close() })
+			n := harness.StartNode(t, harness.WithFlavour(f), harness.WithCRI(cri.WithRuntimeService(fake)))
+			reg, c := n.Registry.Host, n.CRI
 			ctx := t.Context()
 
 			evc, errc := c.Events(ctx)
@@ -89,7 +85,7 @@ func TestClient(t *testing.T) {
 
 			// Events: the pull creates the tag, the repo digest and the ID names.
 			want := map[string]bool{ref: false, reg + "/app/one@" + digest: false}
-			deadline := time.After(10 * time.Second)
+			deadline := time.After(30 * time.Second)
 			for !want[ref] || !want[reg+"/app/one@"+digest] {
 				select {
 				case ev := <-evc:
@@ -172,7 +168,7 @@ func TestClient(t *testing.T) {
 			if st, err := c.ImageStatus(ctx, ref); st != nil || err != nil {
 				t.Errorf("after remove ImageStatus = %+v, %v", st, err)
 			}
-			deadline = time.After(10 * time.Second)
+			deadline = time.After(30 * time.Second)
 			for {
 				select {
 				case ev := <-evc:
@@ -192,12 +188,7 @@ func TestClient(t *testing.T) {
 // TestEventsEndOnCancel: cancelling the context ends the stream with ctx.Err().
 func TestEventsEndOnCancel(t *testing.T) {
 	t.Parallel()
-	ctd := harness.StartContainerd(t)
-	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := harness.StartNode(t).CRI
 	ctx, cancel := context.WithCancel(t.Context())
 	_, errc := c.Events(ctx)
 	cancel()
@@ -219,13 +210,8 @@ func TestPinImage(t *testing.T) {
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			t.Parallel()
-			reg := harness.StartRegistry(t)
-			ctd := harness.StartContainerd(t, harness.WithFlavour(f), harness.WithInsecureRegistry(reg))
-			c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { _ = c.Close() })
+			n := harness.StartNode(t, harness.WithFlavour(f))
+			reg, c := n.Registry.Host, n.CRI
 			ctx := t.Context()
 			ref := reg + "/app/pin@" + harness.PushRandomImage(t, reg+"/app/pin:v1", 1024)
 			if _, err := c.PullImage(ctx, ref, nil); err != nil {
@@ -255,19 +241,14 @@ func TestPinImage(t *testing.T) {
 			// CRI learns of the label from containerd's image update event.
 			// containerd 1.6 sets the label but its CRI plugin never reports
 			// pinned images (label support came with containerd 1.7).
-			deadline := time.Now().Add(10 * time.Second)
-			for f != harness.Containerd16 {
-				st, err := c.ImageStatus(ctx, ref)
-				if err != nil || st == nil {
-					t.Fatalf("ImageStatus(%s) = %+v, %v", ref, st, err)
-				}
-				if st.Pinned {
-					break
-				}
-				if time.Now().After(deadline) {
-					t.Fatalf("%s: CRI ImageStatus(%s).pinned stays false after the label was set", f.Name, ref)
-				}
-				time.Sleep(50 * time.Millisecond)
+			if f != harness.Containerd16 {
+				harness.Eventually(t, 30*time.Second, "CRI ImageStatus(ref).pinned after the label was set", func() (bool, string) {
+					st, err := c.ImageStatus(ctx, ref)
+					if err != nil || st == nil {
+						t.Fatalf("ImageStatus(%s) = %+v, %v", ref, st, err)
+					}
+					return st.Pinned, fmt.Sprintf("%+v", st)
+				})
 			}
 			if err := c.PinImage(ctx, reg+"/app/none@sha256:"+strings.Repeat("0", 64)); !errors.Is(err, cri.ErrNotFound) {
 				t.Errorf("PinImage(absent) = %v, want ErrNotFound", err)

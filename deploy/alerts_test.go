@@ -11,11 +11,12 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/pinwarden/pinwarden/deploy/internal/gen"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // TestAlertRules runs promtool's rule checker and the rule unit tests.
 func TestAlertRules(t *testing.T) {
-	promtool := needTool(t, "promtool")
+	promtool := harness.RequireBinary(t, "promtool")
 	for _, args := range [][]string{{"check", "rules", "prometheus/alerts.yaml"}, {"test", "rules", "prometheus/alerts_test.yaml"}} {
 		out, err := exec.Command(promtool, args...).CombinedOutput()
 		if err != nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/prometheus/promql/parser"
 
 	"github.com/pinwarden/pinwarden/agent/metrics"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/deploy/internal/gen"
 )
@@ -23,12 +24,11 @@ type exportedMetric map[string]bool
 func exportedMetricLabels(t *testing.T) map[string]exportedMetric {
 	t.Helper()
 	m := metrics.New("test", 10)
-	m.Publish(&metrics.State{
-		Images:   map[verdict.Verdict]int{verdict.Verified: 1},
-		Running:  map[verdict.Verdict]int{verdict.Verified: 1},
-		Problems: []metrics.Problem{{Image: "r.example/a:v1", Digest: "sha256:aa", Problem: metrics.ProblemUnverified, Reason: "no-signature", Running: true}},
-		Tags:     []metrics.TagDigest{{Image: "r.example/a:v1", Digest: "sha256:aa"}},
-	})
+	m.Publish(&nodestate.State{Images: []nodestate.Image{
+		{Name: "r.example/a:v1", Tags: []string{"r.example/a:v1"}, Digest: "sha256:" + strings.Repeat("a", 64),
+			Result: verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature}, Running: 1,
+			Pins: []nodestate.TagPin{{Tag: "r.example/a:v1", Digest: "sha256:" + strings.Repeat("b", 64)}}},
+	}})
 	mfs, err := m.Registry().Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -28,19 +28,8 @@ import (
 
 	"github.com/pinwarden/pinwarden/agent"
 	"github.com/pinwarden/pinwarden/deploy/internal/gen"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
-
-func needTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s not installed (CI must run this check)", name)
-		}
-		t.Skipf("%s not installed", name)
-	}
-	return p
-}
 
 // kustomizations are every directory a user applies with kubectl apply -k.
 var kustomizations = []string{"kubernetes", "kubernetes/quarantine", "kubernetes/monitoring", "kubernetes/examples", "kubernetes/all"}
@@ -128,7 +117,7 @@ func TestKustomizations(t *testing.T) {
 // TestKubectlKustomize: the kubectl users run renders the same objects as
 // the library (kubectl embeds its own kustomize).
 func TestKubectlKustomize(t *testing.T) {
-	kubectl := needTool(t, "kubectl")
+	kubectl := harness.RequireBinary(t, "kubectl")
 	for _, dir := range kustomizations {
 		out, err := exec.Command(kubectl, "kustomize", dir).CombinedOutput()
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -21,6 +22,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func TestMain(m *testing.M) {
@@ -40,24 +42,6 @@ func (o *countingObserver) CacheWriteError() { o.writeErrors.Add(1) }
 func (o *countingObserver) CacheHit()        { o.hits.Add(1) }
 func (o *countingObserver) CacheMiss()       { o.misses.Add(1) }
 func (o *countingObserver) CacheCorrupt()    { o.corrupt.Add(1) }
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 func digest(i int) string { return fmt.Sprintf("sha256:%064x", i) }
 
@@ -164,7 +148,7 @@ func TestGetSetsSourceCache(t *testing.T) {
 
 func TestTTLExpiry(t *testing.T) {
 	t.Parallel()
-	clk := newClock()
+	clk := harness.NewClock()
 	path := PathIn(t.TempDir())
 	obs := &countingObserver{}
 	c := mustOpen(t, path, WithClock(clk.Now), WithObserver(obs))
@@ -207,7 +191,7 @@ func TestTTLExpiry(t *testing.T) {
 	}
 
 	// Expired on disk: not loaded after a restart.
-	clk2 := newClock()
+	clk2 := harness.NewClock()
 	c = mustOpen(t, path, WithClock(clk2.Now))
 	c.Put(result(3, "fp"), 2*time.Hour)
 	c.Put(result(4, "fp"), 30*time.Minute)
@@ -246,7 +230,10 @@ func validFile(t *testing.T, path string, n int) []byte {
 func TestCorruptFileMovedAside(t *testing.T) {
 	t.Parallel()
 	rnd := rand.New(rand.NewPCG(1, 2))
+	var rndMu sync.Mutex // the subtests run in parallel; rand.Rand is not safe for that
 	random := func(n int) []byte {
+		rndMu.Lock()
+		defer rndMu.Unlock()
 		b := make([]byte, n)
 		for i := range b {
 			b[i] = byte(rnd.Uint32())
@@ -780,11 +767,53 @@ func openRaw(t *testing.T, path string) *bolt.DB {
 
 func waitFor(t *testing.T, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 10s")
+	harness.Eventually(t, 10*time.Second, "condition", func() (bool, string) { return cond(), "" })
+}
+
+// Issue 10: a record whose verdict is not one of the five verdicts (a
+// tampered or foreign file) is treated as corrupt: dropped, never served.
+func TestInvalidVerdictRecordDropped(t *testing.T) {
+	t.Parallel()
+	path := PathIn(t.TempDir())
+	c := mustOpen(t, path)
+	c.Put(result(1, "fp"), time.Hour)
+	c.Put(result(2, "fp"), time.Hour)
+	c.Put(result(3, "fp"), time.Hour)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db := openRaw(t, path)
+	for i, v := range map[int]string{1: "VERIFIED", 2: ""} {
+		if err := db.Update(func(tx *boltTx) error {
+			b := tx.Bucket(bucketName)
+			k := []byte(diskKey(digest(i), "fp"))
+			var rec map[string]any
+			if err := json.Unmarshal(b.Get(k), &rec); err != nil {
+				return err
+			}
+			rec["result"].(map[string]any)["verdict"] = v
+			raw, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			return b.Put(k, raw)
+		}); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(2 * time.Millisecond)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c = mustOpen(t, path)
+	for _, i := range []int{1, 2} {
+		if r, ok := c.Get(digest(i), "fp"); ok {
+			t.Errorf("record with verdict %q served", r.Verdict)
+		}
+	}
+	if r, ok := c.Get(digest(3), "fp"); !ok || r.Verdict != verdict.Verified {
+		t.Errorf("valid record: %+v, %v", r, ok)
+	}
+	if c.Len() != 1 {
+		t.Errorf("Len = %d, want 1", c.Len())
 	}
 }

@@ -2,7 +2,8 @@
 //
 // Loading is strict: unknown keys, bad globs, missing key files, keyless
 // policies without an identity and invalid regular expressions are errors that
-// name the file, the key and the reason. Defaults follow the CONTRACT.
+// name the file, the key and the reason. Defaults follow the CONTRACT. Image
+// globs are normalized here the way image references are (NormalizeGlob).
 package config
 
 import (
@@ -14,10 +15,13 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/pinwarden/pinwarden/agent/anchor"
 )
 
 // Config is the whole configuration file.
@@ -55,6 +59,15 @@ type Registries struct {
 	// RequestsPerSecond and Burst rate-limit registry requests per host.
 	RequestsPerSecond float64 `json:"requestsPerSecond"`
 	Burst             int     `json:"burst"`
+	// CredentialProviderConfig and CredentialProviderBinDir are the kubelet's
+	// CredentialProviderConfig file and plugin directory (both or neither).
+	CredentialProviderConfig string `json:"credentialProviderConfig"`
+	CredentialProviderBinDir string `json:"credentialProviderBinDir"`
+	// ContainerdHostsDir is containerd's hosts.toml directory (mirrors, CAs,
+	// client certificates); a missing directory configures nothing.
+	ContainerdHostsDir string `json:"containerdHostsDir"`
+	// PodPullSecrets opts in to the imagePullSecrets of the pods running an image.
+	PodPullSecrets bool `json:"podPullSecrets"`
 }
 
 // Policy is one entry of policies; the first policy whose images match wins.
@@ -127,7 +140,7 @@ func Default() *Config {
 		ResyncInterval:      Duration{5 * time.Minute},
 		MaxProblemSeries:    500,
 		Cache:               Cache{VerifiedTTL: Duration{24 * time.Hour}, FailedTTL: Duration{10 * time.Minute}},
-		Registries:          Registries{Insecure: []string{}, RequestsPerSecond: 50, Burst: 100},
+		Registries:          Registries{Insecure: []string{}, RequestsPerSecond: 50, Burst: 100, ContainerdHostsDir: "/etc/containerd/certs.d"},
 		Policies:            []Policy{},
 		Pins:                []string{},
 		Prefetch:            Prefetch{Enabled: true, Concurrency: 4, PinGC: true},
@@ -135,13 +148,21 @@ func Default() *Config {
 	}
 }
 
-// Load reads, parses and validates the config file at path.
-func Load(path string) (*Config, error) {
+// Load reads, parses and validates the config file at path, including that
+// every file it names exists.
+func Load(path string) (*Config, error) { return load(path, true) }
+
+// LoadStatic is Load without looking at the files the config names (keys,
+// trustedRoot, dockerConfig, pins): the agent starts with a config whose
+// Secret is not mounted yet, and waits for the files.
+func LoadStatic(path string) (*Config, error) { return load(path, false) }
+
+func load(path string, files bool) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	c, err := Parse(b, filepath.Dir(path))
+	c, err := parse(b, filepath.Dir(path), files)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -151,7 +172,9 @@ func Load(path string) (*Config, error) {
 
 // Parse parses and validates config bytes. Relative paths inside the config
 // (keys, pins, trustedRoot, dockerConfig, stateDir) resolve against baseDir.
-func Parse(b []byte, baseDir string) (*Config, error) {
+func Parse(b []byte, baseDir string) (*Config, error) { return parse(b, baseDir, true) }
+
+func parse(b []byte, baseDir string, files bool) (*Config, error) {
 	c := Default()
 	if len(bytes.TrimSpace(b)) > 0 {
 		if err := yaml.UnmarshalStrict(b, c); err != nil {
@@ -159,10 +182,33 @@ func Parse(b []byte, baseDir string) (*Config, error) {
 		}
 	}
 	c.resolvePaths(baseDir)
-	if err := c.Validate(); err != nil {
+	if err := c.validate(files); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// Files lists every file the config names: key files, the trusted root,
+// the docker config and the pin files (not the kubeconfig, read once at
+// start). These are what a reload re-reads.
+func (c *Config) Files() []string {
+	var out []string
+	add := func(p string) {
+		if p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	add(c.TrustedRoot)
+	add(c.Registries.DockerConfig)
+	for _, p := range c.Policies {
+		for _, k := range p.Keys {
+			add(k)
+		}
+	}
+	for _, p := range c.Pins {
+		add(p)
+	}
+	return out
 }
 
 func (c *Config) resolvePaths(base string) {
@@ -174,6 +220,9 @@ func (c *Config) resolvePaths(base string) {
 	}
 	c.TrustedRoot = abs(c.TrustedRoot)
 	c.Registries.DockerConfig = abs(c.Registries.DockerConfig)
+	c.Registries.CredentialProviderConfig = abs(c.Registries.CredentialProviderConfig)
+	c.Registries.CredentialProviderBinDir = abs(c.Registries.CredentialProviderBinDir)
+	c.Registries.ContainerdHostsDir = abs(c.Registries.ContainerdHostsDir)
 	c.Kubernetes.Kubeconfig = abs(c.Kubernetes.Kubeconfig)
 	for i := range c.Pins {
 		c.Pins[i] = abs(c.Pins[i])
@@ -185,8 +234,14 @@ func (c *Config) resolvePaths(base string) {
 	}
 }
 
-// Validate checks every field and returns all problems found, joined.
-func (c *Config) Validate() error {
+// Validate checks every field, and that the files the config names exist,
+// and returns all problems found, joined.
+func (c *Config) Validate() error { return c.validate(true) }
+
+// ValidateStatic is Validate without looking at the files the config names.
+func (c *Config) ValidateStatic() error { return c.validate(false) }
+
+func (c *Config) validate(files bool) error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
@@ -226,12 +281,15 @@ func (c *Config) Validate() error {
 	if c.Registries.Burst < 1 || c.Registries.Burst > 10000 {
 		bad("registries.burst", "must be between 1 and 10000, got %d", c.Registries.Burst)
 	}
-	if c.Registries.DockerConfig != "" {
+	if c.Registries.DockerConfig != "" && files {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {
 			bad("registries.dockerConfig", "%v", err)
 		}
 	}
-	if c.TrustedRoot != "" {
+	if files {
+		errs = append(errs, c.Registries.validateNodeSources()...)
+	}
+	if c.TrustedRoot != "" && files {
 		if _, err := os.Stat(c.TrustedRoot); err != nil {
 			bad("trustedRoot", "%v", err)
 		}
@@ -257,7 +315,7 @@ func (c *Config) Validate() error {
 			bad(key+".images", "at least one glob is required")
 		}
 		for j, g := range p.Images {
-			if err := ValidateGlob(g); err != nil {
+			if _, err := NormalizeGlob(g); err != nil {
 				bad(fmt.Sprintf("%s.images[%d]", key, j), "%v", err)
 			}
 		}
@@ -274,7 +332,7 @@ func (c *Config) Validate() error {
 			bad(key, "needs keys or keyless identities (or deny/ignore)")
 		}
 		for j, k := range p.Keys {
-			if _, err := os.Stat(k); err != nil {
+			if _, err := os.Stat(k); files && err != nil {
 				bad(fmt.Sprintf("%s.keys[%d]", key, j), "%v", err)
 			}
 		}
@@ -289,7 +347,7 @@ func (c *Config) Validate() error {
 			case id.Subject != "" && id.SubjectRegExp != "":
 				bad(ik, "subject and subjectRegExp are exclusive")
 			case id.SubjectRegExp != "":
-				if _, err := regexp.Compile(Anchor(id.SubjectRegExp)); err != nil {
+				if _, _, err := anchor.Regexp(id.SubjectRegExp); err != nil {
 					bad(ik+".subjectRegExp", "%v", err)
 				}
 			}
@@ -303,6 +361,10 @@ func (c *Config) Validate() error {
 		}
 		if p.Tlog != nil && !*p.Tlog && len(p.Keyless) > 0 {
 			bad(key+".tlog", "keyless identities need a transparency-log proof; tlog: false is only allowed for keys")
+		}
+		if p.RequireTlog() && len(p.Keyless) == 0 && c.TrustedRoot == "" {
+			bad(key+".tlog", "tlog: true on keys %s needs trustedRoot to be set (it holds the transparency-log keys)",
+				strings.Join(p.Keys, ", "))
 		}
 	}
 	return errors.Join(errs...)
@@ -323,9 +385,6 @@ func (p Policy) RequireTlog() bool {
 	}
 	return len(p.Keyless) > 0
 }
-
-// Anchor wraps a regexp so that it must match the whole string.
-func Anchor(re string) string { return "^(?:" + re + ")$" }
 
 // ValidateGlob checks a repository glob: path segments of [a-z0-9._-:] with
 // '*' within a segment and '**' as a whole segment.
@@ -364,4 +423,91 @@ func FileHash(path string) (string, error) {
 	}
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:]), nil
+}
+
+// validateNodeSources checks the keys that point pinwarden at the node's own
+// credentials and registry hosts configuration.
+func (r *Registries) validateNodeSources() []error {
+	var errs []error
+	bad := func(key, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("registries.%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	switch {
+	case r.CredentialProviderConfig != "" && r.CredentialProviderBinDir == "":
+		bad("credentialProviderBinDir", "required with credentialProviderConfig")
+	case r.CredentialProviderConfig == "" && r.CredentialProviderBinDir != "":
+		bad("credentialProviderConfig", "required with credentialProviderBinDir")
+	}
+	if r.CredentialProviderConfig != "" {
+		if st, err := os.Stat(r.CredentialProviderConfig); err != nil {
+			bad("credentialProviderConfig", "%v", err)
+		} else if st.IsDir() {
+			bad("credentialProviderConfig", "%s is a directory", r.CredentialProviderConfig)
+		}
+	}
+	if r.CredentialProviderBinDir != "" {
+		if st, err := os.Stat(r.CredentialProviderBinDir); err != nil {
+			bad("credentialProviderBinDir", "%v", err)
+		} else if !st.IsDir() {
+			bad("credentialProviderBinDir", "%s is not a directory", r.CredentialProviderBinDir)
+		}
+	}
+	if r.ContainerdHostsDir != "" {
+		if st, err := os.Stat(r.ContainerdHostsDir); err == nil && !st.IsDir() {
+			bad("containerdHostsDir", "%s is not a directory", r.ContainerdHostsDir)
+		} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+			bad("containerdHostsDir", "%v", err)
+		}
+	}
+	return errs
+}
+
+// hostRE is the registry host grammar of globs and image references: DNS
+// labels separated by dots, or a bracketed IPv6 literal, then an optional port.
+var hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
+
+// ValidRegistryHost reports whether h is a registry host (lowercase DNS
+// name or bracketed IPv6 literal, optional port), for globs and references.
+func ValidRegistryHost(h string) bool { return hostRE.MatchString(h) }
+
+// NormalizeGlob validates a repository glob and normalizes it the way image
+// references are normalized, so that it can match the fully qualified
+// repositories pinwarden judges: no registry means Docker Hub ("nginx" and
+// "library/nginx" become "docker.io/library/nginx"), "index.docker.io" is
+// "docker.io", and a single path segment on Docker Hub gets "library/".
+// The first segment is a registry host when it is "localhost" or contains
+// '.' or ':', as for references. A glob whose first segment is a wildcard
+// without '.' or ':' ("*/nginx") is refused: as a reference it would be a
+// Docker Hub namespace, which is rarely what its author meant; the error
+// names both readings.
+func NormalizeGlob(g string) (string, error) {
+	if err := ValidateGlob(g); err != nil {
+		return "", err
+	}
+	segs := strings.Split(g, "/")
+	first := segs[0]
+	if first == "**" {
+		return g, nil // spans every registry already
+	}
+	host, path := "", segs
+	switch {
+	case len(segs) >= 2 && (first == "localhost" || strings.ContainsAny(first, ".:")):
+		host, path = first, segs[1:]
+	case len(segs) >= 2 && strings.Contains(first, "*"):
+		return "", fmt.Errorf("ambiguous glob %q: without '.' or ':' its first segment is a Docker Hub namespace, "+
+			"so it means %q; to match registry hosts write %q or a host pattern with a dot (\"*.example.com/...\")",
+			g, "docker.io/"+g, "**/"+strings.Join(segs[1:], "/"))
+	default:
+		host = "docker.io"
+	}
+	if host == "index.docker.io" {
+		host = "docker.io"
+	}
+	if !strings.Contains(host, "*") && !hostRE.MatchString(host) {
+		return "", fmt.Errorf("invalid glob %q: registry host %q", g, host)
+	}
+	if host == "docker.io" && len(path) == 1 && path[0] != "**" {
+		path = []string{"library", path[0]}
+	}
+	return host + "/" + strings.Join(path, "/"), nil
 }

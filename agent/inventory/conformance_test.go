@@ -35,9 +35,8 @@ func TestRuntimeConformance(t *testing.T) {
 	})
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
-			reg := harness.StartRegistry(t)
-			ctd := harness.StartContainerd(t, harness.WithFlavour(f), harness.WithInsecureRegistry(reg))
-			c := dial(t, ctd)
+			node := harness.StartNode(t, harness.WithFlavour(f))
+			reg, ctd, c := node.Registry.Host, node.Containerd, node.CRI
 			conn, err := grpc.NewClient(ctd.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 			if err != nil {
 				t.Fatal(err)
@@ -81,14 +80,4 @@ func realBackend(c *cri.Client, repo string) inventorytest.Backend {
 			}
 		},
 	}
-}
-
-func dial(t testing.TB, ctd *harness.Containerd, opts ...cri.Option) *cri.Client {
-	t.Helper()
-	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io", opts...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return c
 }

@@ -66,11 +66,11 @@ type Image struct {
 	// Digest is the manifest (or index) digest; for an image without a repo
 	// digest (imported, side-loaded) it is the image ID.
 	Digest  string
-	ImageID string   // config digest
-	Repos   []string // repositories with this digest, sorted
-	Tags    []string // "repo:tag" currently pointing at Digest, sorted
-	Size    uint64
-	Pinned  bool
+	ImageID string // config digest
+	// Repos are the repositories the digest is known by, those of its repo
+	// digests and of its tags, sorted: what policies are matched against.
+	Repos []string
+	Tags  []string // "repo:tag" currently pointing at Digest, sorted
 	// Containers are the running containers using this digest.
 	Containers []ContainerRef
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/inventory"
 	"github.com/pinwarden/pinwarden/agent/inventory/inventorytest"
 	"github.com/pinwarden/pinwarden/cri"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // recorder is an Observer that keeps what it saw.
@@ -80,16 +81,10 @@ func start(t testing.TB, inv *inventory.Inventory) {
 	})
 }
 
-// eventually polls cond until it holds or timeout passes.
+// eventually waits (harness.Eventually) until cond holds or timeout passes.
 func eventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+	harness.Eventually(t, timeout, what, func() (bool, string) { return cond(), "" })
 }
 
 const repo = "registry.test:5000/shop/api"
@@ -111,9 +106,9 @@ func TestInitialListAndModel(t *testing.T) {
 	eventually(t, 5*time.Second, "ready", inv.Ready)
 
 	want := []inventory.Image{
-		{Digest: d("m1"), ImageID: d("c1"), Repos: []string{repo}, Tags: []string{repo + ":v1"}, Size: 100},
-		{Digest: d("m2"), ImageID: d("c2"), Repos: []string{repo}, Tags: []string{repo + ":v2"}, Size: 200},
-		{Digest: d("m3"), ImageID: d("c3"), Repos: []string{"registry.test:5000/other"}, Size: 300},
+		{Digest: d("m1"), ImageID: d("c1"), Repos: []string{repo}, Tags: []string{repo + ":v1"}},
+		{Digest: d("m2"), ImageID: d("c2"), Repos: []string{repo}, Tags: []string{repo + ":v2"}},
+		{Digest: d("m3"), ImageID: d("c3"), Repos: []string{"registry.test:5000/other"}},
 	}
 	slices.SortFunc(want, func(a, b inventory.Image) int { return cmpStr(a.Digest, b.Digest) })
 	got := inv.Snapshot()

@@ -156,7 +156,7 @@ func derive(img cri.Image, targets map[string]string) []Image {
 	add := func(d string) *Image {
 		e, ok := acc[d]
 		if !ok {
-			e = &Image{Digest: d, ImageID: img.ID, Size: img.Size, Pinned: img.Pinned}
+			e = &Image{Digest: d, ImageID: img.ID}
 			acc[d] = e
 			order = append(order, d)
 		}
@@ -234,8 +234,11 @@ func repoOf(tag string) string {
 	return tag[:i]
 }
 
+// sameImage reports whether two entries are the same to the loop. The size
+// and the GC-pin label are not in an entry: a pin label added by prefetch
+// must not re-judge the digest.
 func sameImage(a, b Image) bool {
-	return a.Digest == b.Digest && a.ImageID == b.ImageID && a.Size == b.Size && a.Pinned == b.Pinned &&
+	return a.Digest == b.Digest && a.ImageID == b.ImageID &&
 		slices.Equal(a.Repos, b.Repos) && slices.Equal(a.Tags, b.Tags)
 }
 

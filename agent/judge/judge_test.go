@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -20,6 +21,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/judge"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -31,26 +33,6 @@ const (
 	verifiedTTL = 24 * time.Hour
 	failedTTL   = 10 * time.Minute
 )
-
-// clock is a settable fake clock shared by the judge and the cache.
-type clock struct {
-	mu sync.Mutex // guards t
-	t  time.Time
-}
-
-func newClock() *clock { return &clock{t: time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *clock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *clock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // fakeVerifier answers with a scripted result and counts calls.
 type fakeVerifier struct {
@@ -160,7 +142,7 @@ func compileYAML(t *testing.T, y string) *policy.Set {
 type fixture struct {
 	set   *policy.Set
 	key   string
-	clock *clock
+	clock *harness.Clock
 	cache *cache.Cache
 	v     *fakeVerifier
 	obs   *fakeObserver
@@ -170,7 +152,7 @@ type fixture struct {
 func newFixture(t *testing.T, result func(*policy.Policy, string, string) verdict.Result) *fixture {
 	t.Helper()
 	dir := t.TempDir()
-	f := &fixture{key: writeKey(t, dir, "ci.pub"), clock: newClock(), v: &fakeVerifier{result: result}, obs: &fakeObserver{}}
+	f := &fixture{key: writeKey(t, dir, "ci.pub"), clock: harness.NewClock(), v: &fakeVerifier{result: result}, obs: &fakeObserver{}}
 	f.set = compile(t, f.key)
 	c, err := cache.Open(t.Context(), cache.PathIn(filepath.Join(dir, "state")), cache.WithClock(f.clock.Now))
 	if err != nil {
@@ -254,6 +236,7 @@ func TestJudgeVerifiesAndCaches(t *testing.T) {
 	}{
 		{"verified is cached", verdict.Result{Verdict: verdict.Verified, Signers: []string{"sha256:k1"}}, true},
 		{"unverified is cached", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature}, true},
+		{"unverified too-large is cached (issue 10: a hostile .sig is judged once)", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonTooLarge}, true},
 		{"untrusted from verifier is cached", verdict.Result{Verdict: verdict.Untrusted, Reason: verdict.ReasonDenied}, true},
 		{"pending registry error is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryError}, false},
 		{"pending registry unreachable is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryUnreachable}, false},
@@ -570,4 +553,38 @@ func TestJudgeConcurrentPolicySwap(t *testing.T) {
 		}
 	})
 	wg.Wait()
+}
+
+// TestJudgeSetVerifier: a reload with new registry credentials swaps the
+// verifier; the next uncached judgement uses the new one.
+func TestJudgeSetVerifier(t *testing.T) {
+	t.Parallel()
+	set := compile(t, writeKey(t, t.TempDir(), "ci.pub"))
+	old := &fakeVerifier{result: returns(verdict.Pending, verdict.ReasonRegistryError)}
+	cur := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(set, old)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending {
+		t.Fatalf("old verifier: %s", r.Verdict)
+	}
+	j.SetVerifier(cur)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Verified {
+		t.Fatalf("new verifier: %s", r.Verdict)
+	}
+	if old.Calls() != 1 || cur.Calls() != 1 {
+		t.Errorf("calls old %d new %d, want 1 and 1", old.Calls(), cur.Calls())
+	}
+}
+
+// TestJudgeUnavailablePolicies: while the config's files are missing every
+// digest is pending and the verifier is never asked.
+func TestJudgeUnavailablePolicies(t *testing.T) {
+	t.Parallel()
+	v := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(policy.Unavailable(errors.New("key missing")), v)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending || r.Digest != digestA {
+		t.Fatalf("got %+v", r)
+	}
+	if v.Calls() != 0 {
+		t.Error("verifier asked without policies")
+	}
 }

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
+
+	"github.com/pinwarden/pinwarden/agent/config"
 )
 
 // Ref is a normalized image reference. Repo is always fully qualified
@@ -43,8 +45,6 @@ var (
 	pathComponent = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*$`)
 	tagRE         = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
 	hexRE         = regexp.MustCompile(`^[0-9a-f]+$`)
-	// hostRE: DNS labels separated by dots, or a bracketed IPv6 literal, then an optional port.
-	hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
 )
 
 // maxReferenceLen bounds the input before any parsing work.
@@ -109,7 +109,7 @@ func ParseReference(s string) (Ref, error) {
 	if err != nil {
 		return Ref{}, fmt.Errorf("%w: %w", ErrInvalidReference, err)
 	}
-	if !hostRE.MatchString(repo.RegistryStr()) {
+	if !config.ValidRegistryHost(repo.RegistryStr()) {
 		return Ref{}, fmt.Errorf("%w: registry host %q of %q", ErrInvalidReference, repo.RegistryStr(), s)
 	}
 	path := repo.RepositoryStr()

@@ -290,9 +290,10 @@ func TestRun(t *testing.T) {
 		if badCalls != 2 {
 			t.Errorf("bad judged %d times, want 2 (first, then again after SetPins)", badCalls)
 		}
-		// gone was retried with backoff (1s, 2s) for 5s, then never again.
-		if goneCalls < 2 || goneCalls > 4 {
-			t.Errorf("gone judged %d times in 5s with 1s backoff", goneCalls)
+		// gone was retried with backoff for 5s (at 0, 1-1.1s and 3-3.3s:
+		// waits of 1s and 2s plus up to 10%), then never again.
+		if goneCalls != 3 {
+			t.Errorf("gone judged %d times in 5s with a 1s doubling backoff, want 3", goneCalls)
 		}
 		res, pending, evs := rec.snapshot()
 		if res[prefetch.ResultPulled] != 2 || res[prefetch.ResultRejected] != 2 {

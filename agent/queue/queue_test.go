@@ -48,8 +48,8 @@ func TestBoundedAndCountsDrops(t *testing.T) {
 func TestGetHonoursContextAndShutdown(t *testing.T) {
 	t.Parallel()
 	q := New(1, nil)
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Millisecond)
-	defer cancel()
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
 	if _, ok := q.Get(ctx); ok {
 		t.Fatal("Get on empty queue returned a key")
 	}
@@ -88,44 +88,69 @@ func TestAddAfter(t *testing.T) {
 	})
 }
 
+// TestConcurrentWorkersNeverShareAKey: four workers never hold one key at
+// once, and every Add is seen: the last processing of each key starts after
+// its last Add (coalescing may merge Adds, never lose one).
 func TestConcurrentWorkersNeverShareAKey(t *testing.T) {
 	t.Parallel()
-	q := New(1000, nil)
-	ctx, cancel := context.WithCancel(t.Context())
-	var inflight sync.Map
-	var processed atomic.Int32
-	var wg sync.WaitGroup
-	for range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				k, ok := q.Get(ctx)
-				if !ok {
-					return
+	synctest.Test(t, func(t *testing.T) {
+		const nKeys, nAdds = 7, 2000
+		q := New(1000, nil)
+		ctx, cancel := context.WithCancel(t.Context())
+		var (
+			mu       sync.Mutex // guards every map below
+			inflight = map[string]bool{}
+			version  = map[string]int{} // bumped before each Add of the key
+			seen     = map[string]int{} // highest version a processing started with
+			runs     int
+		)
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				for {
+					k, ok := q.Get(ctx)
+					if !ok {
+						return
+					}
+					mu.Lock()
+					if inflight[k] {
+						t.Errorf("key %s processed twice at once", k)
+					}
+					inflight[k] = true
+					seen[k] = max(seen[k], version[k])
+					runs++
+					mu.Unlock()
+					time.Sleep(50 * time.Microsecond) // work, in the bubble's time
+					mu.Lock()
+					inflight[k] = false
+					mu.Unlock()
+					q.Done(k)
 				}
-				if _, dup := inflight.LoadOrStore(k, true); dup {
-					t.Errorf("key %s processed twice at once", k)
-				}
-				time.Sleep(50 * time.Microsecond)
-				inflight.Delete(k)
-				processed.Add(1)
-				q.Done(k)
+			})
+		}
+		for i := range nAdds {
+			k := string(rune('a' + i%nKeys))
+			mu.Lock()
+			version[k]++
+			mu.Unlock()
+			q.Add(k)
+		}
+		synctest.Wait() // every worker idle in Get: the queue has drained
+		cancel()
+		wg.Wait()
+		if q.Len() != 0 {
+			t.Errorf("%d keys left in the queue", q.Len())
+		}
+		for i := range nKeys {
+			k := string(rune('a' + i))
+			if seen[k] != version[k] {
+				t.Errorf("key %s: last processing saw Add #%d of %d", k, seen[k], version[k])
 			}
-		}()
-	}
-	for i := range 2000 {
-		q.Add(string(rune('a' + i%7)))
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for q.Len() > 0 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	cancel()
-	wg.Wait()
-	if processed.Load() == 0 {
-		t.Fatal("nothing processed")
-	}
+		}
+		if runs < nKeys || runs > nAdds {
+			t.Errorf("%d processings for %d Adds of %d keys", runs, nAdds, nKeys)
+		}
+	})
 }
 
 // TestAddAfterManyKeys: delayed keys share one timer; each becomes due at

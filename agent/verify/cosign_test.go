@@ -1,7 +1,6 @@
 package verify
 
 import (
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
+	"github.com/pinwarden/pinwarden/test/harness"
 	"github.com/sigstore/cosign/v2/pkg/cosign"
 	"github.com/sigstore/cosign/v2/pkg/oci/mutate"
 	ociremote "github.com/sigstore/cosign/v2/pkg/oci/remote"
@@ -56,20 +56,7 @@ func TestCosignLibrarySignature(t *testing.T) {
 // the in-process registry; pinwarden must verify both.
 func TestCosignCLI(t *testing.T) {
 	t.Parallel()
-	bin, err := exec.LookPath("cosign")
-	if err != nil {
-		if home, herr := os.UserHomeDir(); herr == nil {
-			if _, serr := os.Stat(filepath.Join(home, "go/bin/cosign")); serr == nil {
-				bin, err = filepath.Join(home, "go/bin/cosign"), nil
-			}
-		}
-	}
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("cosign CLI not found and CI=true")
-		}
-		t.Skip("cosign CLI not installed")
-	}
+	bin := harness.RequireBinary(t, "cosign")
 	dir := t.TempDir()
 	run := func(args ...string) {
 		t.Helper()

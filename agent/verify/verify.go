@@ -13,28 +13,40 @@ import (
 	"net/http"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/pinwarden/pinwarden/agent/anchor"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
+	"github.com/pinwarden/pinwarden/agent/registry"
+	"github.com/pinwarden/pinwarden/agent/registry/hosts"
+	"github.com/pinwarden/pinwarden/agent/registry/pullsecrets"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"golang.org/x/time/rate"
 )
 
 // Options configure a Verifier. Zero values take the defaults noted.
 type Options struct {
-	// Registries: insecure hosts and the docker config.json with credentials.
+	// Registries: insecure hosts, the node's credential sources (docker
+	// config, kubelet credential provider plugins) and containerd's hosts dir.
 	Registries config.Registries
-	// RequestTimeout bounds one HTTP request including its body (default 15s).
+	// PullSecrets resolves pod pull secrets; used with Registries.PodPullSecrets.
+	PullSecrets *pullsecrets.Keychain
+	// CredentialHelperDir holds docker-credential-* helpers ("": $PATH).
+	CredentialHelperDir string
+	// MaxInFlightPerHost caps concurrent requests to one host (default 16).
+	MaxInFlightPerHost int
+	// RequestTimeout bounds one HTTP request including its body and all its
+	// redirect hops (at most 10) (default 15s).
 	RequestTimeout time.Duration
 	// VerifyTimeout bounds one Verify or Resolve call (default 2m).
 	VerifyTimeout time.Duration
 	// Retries on 429, 5xx and network errors (default 3; negative: none).
 	Retries int
-	// RetryBackoff is the first backoff step, doubled per attempt, with jitter (default 500ms).
+	// RetryBackoff is the first backoff step, doubled per attempt up to 5s,
+	// each step plus a random 0-50% of it (default 500ms).
 	RetryBackoff time.Duration
 	// MaxSignatures caps the layers of a .sig manifest (default 100).
 	MaxSignatures int
@@ -46,6 +58,11 @@ type Options struct {
 	// MaxResponseSize caps any registry response body, manifests and
 	// referrer indexes included (default 8 MiB).
 	MaxResponseSize int64
+	// MaxVerifyBytes caps what one verification reads from registries, all
+	// responses together; past it the verdict is unverified/too-large
+	// (default 4 x MaxResponseSize, 32 MiB). Signatures are read and checked
+	// one at a time, so memory stays near one response whatever this is.
+	MaxVerifyBytes int64
 	// RegistryQPS and RegistryBurst rate-limit requests per registry host
 	// (defaults: Registries.RequestsPerSecond and Registries.Burst, else 50/s
 	// and 100; a negative RegistryQPS disables the limit).
@@ -89,6 +106,9 @@ func (o *Options) defaults() {
 	if o.MaxResponseSize < o.MaxBlobSize {
 		o.MaxResponseSize = o.MaxBlobSize
 	}
+	if o.MaxVerifyBytes <= 0 {
+		o.MaxVerifyBytes = 4 * o.MaxResponseSize
+	}
 	if o.RegistryQPS == 0 {
 		o.RegistryQPS = o.Registries.RequestsPerSecond
 	}
@@ -104,6 +124,9 @@ func (o *Options) defaults() {
 	if o.Transport == nil {
 		o.Transport = http.DefaultTransport
 	}
+	if o.MaxInFlightPerHost <= 0 {
+		o.MaxInFlightPerHost = 16
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -113,43 +136,21 @@ func (o *Options) defaults() {
 // concurrent use; it holds no per-image state.
 type Verifier struct {
 	opts     Options
-	keychain *dockerKeychain
+	keychain *registry.Keychain
+	hosts    *hosts.Resolver
+	sessions *sessions
 	insecure map[string]bool
 	rt       http.RoundTripper
 	log      *slog.Logger
-
-	mu         sync.Mutex // guards puller and pullerBorn
-	puller     *remote.Puller
-	pullerBorn time.Time
 }
 
-// pullerTTL bounds how long a shared Puller lives: it keeps one registry
-// client (ping result and token) per repository, and must not grow without
-// bound on a node that sees many repositories.
-const pullerTTL = 10 * time.Minute
-
-// sharedPuller returns the Puller that verifications share, so that a cold
-// verification in a repository already seen skips the registry ping: two
-// requests instead of three. A failed ping is not kept (ggcr drops it).
-func (v *Verifier) sharedPuller() (*remote.Puller, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.puller != nil && time.Since(v.pullerBorn) < pullerTTL {
-		return v.puller, nil
-	}
-	p, err := remote.NewPuller(v.remoteOptions(context.Background())...)
-	if err != nil {
-		return nil, fmt.Errorf("registry client: %w", err)
-	}
-	v.puller, v.pullerBorn = p, time.Now()
-	return p, nil
-}
-
-// New builds a Verifier. It reads the docker config file named in
-// opts.Registries (and nothing else) for credentials.
+// New builds a Verifier. Credentials come from the sources named in
+// opts.Registries (and nothing else: never $DOCKER_CONFIG or ~/.docker);
+// endpoints, mirrors and TLS from containerd's hosts dir there.
 func New(opts Options) (*Verifier, error) {
 	opts.defaults()
-	kc, err := loadDockerConfig(opts.Registries.DockerConfig)
+	kc, err := registry.NewKeychain(registry.Options{Registries: opts.Registries, PullSecrets: opts.PullSecrets,
+		CredentialHelperDir: opts.CredentialHelperDir, Logger: opts.Logger})
 	if err != nil {
 		return nil, err
 	}
@@ -157,9 +158,14 @@ func New(opts Options) (*Verifier, error) {
 	for _, h := range opts.Registries.Insecure {
 		insecure[strings.ToLower(h)] = true
 	}
-	v := &Verifier{opts: opts, keychain: kc, insecure: insecure, log: opts.Logger}
+	hr := hosts.New(opts.Registries.ContainerdHostsDir)
+	v := &Verifier{opts: opts, keychain: kc, hosts: hr, sessions: newSessions(), insecure: insecure, log: opts.Logger}
+	next := hr.Transport(opts.Transport)
 	v.rt = &guardTransport{
-		next: opts.Transport, keychain: kc, insecure: insecure, timeout: opts.RequestTimeout,
+		transportFor: func(string) http.RoundTripper { return next },
+		plainHTTP:    func(h string) bool { return slices.Contains(hr.PlainHTTPHosts(), h) },
+		inflight:     &inflight{max: opts.MaxInFlightPerHost},
+		creds:        keychainGuard{kc}, insecure: insecure, timeout: opts.RequestTimeout,
 		maxBody: opts.MaxResponseSize, retries: opts.Retries, backoff: opts.RetryBackoff, log: opts.Logger,
 		limits: &hostLimits{qps: rate.Limit(opts.RegistryQPS), burst: opts.RegistryBurst},
 	}
@@ -205,13 +211,16 @@ func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest st
 		return res
 	}
 	res.Policy, res.Fingerprint = p.Name, p.Fingerprint
-	signers, err := v.verify(ctx, p, repo, digest)
+	signers, note, err := v.verify(ctx, p, repo, digest)
 	res.VerifiedAt = time.Now()
 	if err == nil {
-		res.Verdict, res.Signers = verdict.Verified, signers
+		res.Verdict, res.Signers, res.Detail = verdict.Verified, signers, note
 		return res
 	}
-	res.Detail = truncate(err.Error(), 1024)
+	// Error text can quote URLs (a redirect to a pre-signed URL): never
+	// their query or user info, in the result or the log.
+	msg := redactURLs(err.Error())
+	res.Detail = truncate(msg, 1024)
 	var fe *FailureError
 	var re *RegistryError
 	switch {
@@ -225,7 +234,7 @@ func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest st
 		res.Verdict, res.Reason = verdict.Pending, verdict.ReasonRegistryError
 	}
 	v.log.Debug("image not verified", "repo", repo, "digest", digest, "policy", p.Name,
-		"verdict", res.Verdict, "reason", res.Reason, "err", err)
+		"verdict", res.Verdict, "reason", res.Reason, "err", msg)
 	return res
 }
 
@@ -254,8 +263,10 @@ func checkPolicy(p *policy.Policy) error {
 		if id.Issuer == "" || (id.Subject == "" && id.SubjectRegExp == "") {
 			return fmt.Errorf("policy %q: keyless identity without issuer or subject", p.Name)
 		}
-		if id.SubjectRegExp != "" && (!strings.HasPrefix(id.SubjectRegExp, "^") || !strings.HasSuffix(id.SubjectRegExp, "$")) {
-			return fmt.Errorf("policy %q: identity regexp %q is not anchored", p.Name, id.SubjectRegExp)
+		if id.SubjectRegExp != "" {
+			if err := anchor.Check(id.SubjectRegExp); err != nil {
+				return fmt.Errorf("policy %q: identity regexp: %w", p.Name, err)
+			}
 		}
 	}
 	if len(p.Identities) > 0 && (!p.RequireTlog || p.TrustedRoot == nil) {
@@ -267,76 +278,109 @@ func checkPolicy(p *policy.Policy) error {
 	return nil
 }
 
-func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, error) {
+func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, string, error) {
+	// One deadline and one byte budget for the whole verification: every
+	// request, redirect hop, retry and rate-limit wait below counts.
+	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
+	defer cancel()
 	if err := checkPolicy(p); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	ref, err := policy.ParseReference(repo + "@" + digest)
 	if err != nil || ref.Repo != repo || ref.Tag != "" {
-		return nil, fmt.Errorf("invalid repository or digest %q@%q: %w", repo, digest, err)
+		return nil, "", fmt.Errorf("invalid repository or digest %q@%q: %w", repo, digest, err)
 	}
 	if !strings.HasPrefix(digest, "sha256:") {
-		return nil, failure(verdict.ReasonInvalidSignature, "cosign signs sha256 digests only, got %s", digest)
+		return nil, "", failure(verdict.ReasonInvalidSignature, "cosign signs sha256 digests only, got %s", digest)
 	}
 	r, err := v.repository(repo)
 	if err != nil {
-		return nil, fmt.Errorf("repository %q: %w", repo, err)
+		return nil, "", fmt.Errorf("repository %q: %w", repo, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
-	defer cancel()
-	puller, err := v.sharedPuller()
+	ctx = withBudget(withRegistry(ctx, r.RegistryStr()), v.opts.MaxVerifyBytes)
+	return v.verifyEndpoints(ctx, p, repo, digest)
+}
+
+// verifyAt fetches and checks the signatures of digest at one endpoint's
+// repository r.
+func (v *Verifier) verifyAt(ctx context.Context, p *policy.Policy, r name.Repository, plain bool, digest string) ([]string, error) {
+	puller, err := v.pullerFor(ctx, r, plain)
 	if err != nil {
 		return nil, err
 	}
 	d := r.Digest(digest)
 	t := newTally(p)
 
-	sigs, err := v.fetchLegacy(ctx, puller, d)
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range sigs {
+	// Signatures are read and checked one at a time, and dropped before the
+	// next is read; the first time the threshold is met ends the search.
+	err = v.eachLegacy(ctx, puller, d, func(s legacySig) bool {
 		v.checkLegacy(ctx, p, s, d, t)
-		if t.met() {
-			return t.signers(), nil
-		}
-	}
-	bundles, err := v.fetchBundles(ctx, puller, d)
+		return t.met()
+	})
 	if err != nil {
 		return nil, err
 	}
-	for _, b := range bundles {
+	if t.met() {
+		return t.signers(), nil
+	}
+	err = v.eachBundle(ctx, puller, d, func(b sigBundle) bool {
 		v.checkBundle(ctx, p, b, d, t)
-		if t.met() {
-			return t.signers(), nil
-		}
+		return t.met()
+	})
+	if err != nil {
+		return nil, err
+	}
+	if t.met() {
+		return t.signers(), nil
 	}
 	return nil, t.failure()
 }
 
-// tally counts distinct successful signers and why the others failed.
+// tally records which actual signers verified under which policy signers,
+// and why the other signatures failed. The threshold is met when a maximum
+// matching between actual signers and policy signers (keys first, then
+// keyless identities) has at least threshold pairs: each actual signer
+// counts once, for one policy signer, and the order in which signatures are
+// examined does not matter. The legacy and the bundle paths feed the same
+// tally.
 type tally struct {
 	threshold int
-	success   map[int]string // signer index (keys first, then identities) -> label
-	seen      int            // signatures and bundles examined
+	policy    int                       // number of policy signers
+	who       []string                  // actual signers, in the order first seen
+	edges     map[string]map[int]string // actual signer -> policy signer -> label
+	matched   []string                  // labels of the current maximum matching
+	dirty     bool                      // edges changed since matched was computed
+	seen      int                       // signatures and bundles examined
 	reasons   map[string]int
 	last      map[string]error
 }
 
 func newTally(p *policy.Policy) *tally {
-	return &tally{threshold: p.Threshold, success: map[int]string{}, reasons: map[string]int{}, last: map[string]error{}}
+	return &tally{threshold: p.Threshold, policy: len(p.Keys) + len(p.Identities),
+		edges: map[string]map[int]string{}, reasons: map[string]int{}, last: map[string]error{}}
 }
 
-// ok records that policy signer number signer verified a signature made by
-// label. One actual signer counts once even when two configured identities
-// (say, overlapping regexps) both accept its certificate.
-func (t *tally) ok(signer int, label string) {
-	for _, l := range t.success {
-		if l == label {
-			return
-		}
+// ok records that actual signer who (a key ID, or a certificate's issuer
+// and SANs) made a signature that policy signer number signer accepts;
+// label is what Signers reports for the pair.
+func (t *tally) ok(who string, signer int, label string) {
+	e, found := t.edges[who]
+	if !found {
+		e = map[int]string{}
+		t.edges[who] = e
+		t.who = append(t.who, who)
 	}
-	t.success[signer] = label
+	if _, dup := e[signer]; !dup {
+		e[signer] = label
+		t.dirty = true
+	}
+}
+
+// has reports whether who is already known to satisfy policy signer signer
+// (another signature by who need not be checked against it).
+func (t *tally) has(who string, signer int) bool {
+	_, ok := t.edges[who][signer]
+	return ok
 }
 
 func (t *tally) fail(err *FailureError) {
@@ -344,16 +388,49 @@ func (t *tally) fail(err *FailureError) {
 	t.last[err.Reason] = err
 }
 
-func (t *tally) met() bool { return len(t.success) >= t.threshold }
-
-func (t *tally) signers() []string {
-	out := make([]string, 0, len(t.success))
-	for _, s := range t.success {
-		out = append(out, s)
+// match computes a maximum bipartite matching with augmenting paths
+// (Kuhn's algorithm): at most MaxSignatures+MaxReferrers actual signers
+// against the policy's handful of signers, so exact and cheap.
+func (t *tally) match() []string {
+	if !t.dirty && t.matched != nil {
+		return t.matched
+	}
+	owner := make([]int, t.policy) // policy signer -> index in t.who, or -1
+	for i := range owner {
+		owner[i] = -1
+	}
+	var try func(u int, visited []bool) bool
+	try = func(u int, visited []bool) bool {
+		for j := range t.policy {
+			if _, ok := t.edges[t.who[u]][j]; !ok || visited[j] {
+				continue
+			}
+			visited[j] = true
+			if owner[j] < 0 || try(owner[j], visited) {
+				owner[j] = u
+				return true
+			}
+		}
+		return false
+	}
+	for u := range t.who {
+		try(u, make([]bool, t.policy))
+	}
+	out := []string{}
+	for j, u := range owner {
+		if u >= 0 {
+			out = append(out, t.edges[t.who[u]][j])
+		}
 	}
 	slices.Sort(out)
-	return slices.Compact(out)
+	t.matched, t.dirty = out, false
+	return out
 }
+
+func (t *tally) met() bool { return len(t.match()) >= t.threshold }
+
+// signers are the labels of the matched pairs, sorted.
+func (t *tally) signers() []string { return slices.Compact(slices.Clone(t.match())) }
 
 // reasonPriority: the most specific explanation wins when several signatures
 // failed for different reasons.
@@ -363,9 +440,9 @@ var reasonPriority = []string{
 }
 
 func (t *tally) failure() error {
-	if len(t.success) > 0 {
+	if m := t.match(); len(m) > 0 {
 		return failure(verdict.ReasonThresholdNotMet, "%d of %d required signers verified (%s)",
-			len(t.success), t.threshold, strings.Join(t.signers(), ", "))
+			len(m), t.threshold, strings.Join(t.signers(), ", "))
 	}
 	if t.seen == 0 {
 		return failure(verdict.ReasonNoSignature, "no signatures found")
@@ -397,6 +474,7 @@ func (v *Verifier) Resolve(ctx context.Context, ref policy.Ref) (string, error) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
 	defer cancel()
+	ctx = withRegistry(ctx, r.RegistryStr())
 	puller, err := remote.NewPuller(v.remoteOptions(ctx)...)
 	if err != nil {
 		return "", fmt.Errorf("registry client: %w", err)

@@ -43,7 +43,7 @@ type usageError struct{ err error }
 func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
-// notOKError means the command ran but the answer is "no": exit 1.
+// errNotOK means the command ran but the answer is "no": exit 1.
 var errNotOK = errors.New("not all images passed")
 
 func main() {
@@ -59,6 +59,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stderr, usageSummary)
 		return exitUsage
 	}
+	stderr = lockWriter(stderr) // shared by the logger and prefetch's progress display
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	var err error
 	switch args[0] {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -161,8 +160,6 @@ func (p *progress) draw() {
 	_, _ = io.WriteString(p.w, b.String()) // progress is best effort
 }
 
-func (p *progress) finish() {}
-
 func progressLine(phase string, pin pins.Pin, o *prefetch.Outcome) string {
 	line := fmt.Sprintf("%-9s %s@%s", phase, imageName(pin.String()), status.ShortDigest(pin.Digest))
 	if o == nil {
@@ -183,6 +180,6 @@ func progressLine(phase string, pin pins.Pin, o *prefetch.Outcome) string {
 
 // isTerminal reports whether w is a terminal.
 func isTerminal(w io.Writer) bool {
-	f, ok := w.(*os.File)
-	return ok && term.IsTerminal(int(f.Fd())) //nolint:gosec // a file descriptor fits in an int
+	f, ok := file(w)
+	return ok && term.IsTerminal(int(f.Fd()))
 }

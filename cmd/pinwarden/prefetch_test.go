@@ -3,15 +3,14 @@ package main
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/pins"
 	"github.com/pinwarden/pinwarden/agent/prefetch"
-	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
 
@@ -41,8 +40,8 @@ func TestPrefetchUsage(t *testing.T) {
 // a real registry with cosign-signed and unsigned pins.
 func TestPrefetchCommand(t *testing.T) {
 	t.Parallel()
-	reg := harness.StartRegistry(t)
-	ctd := harness.StartContainerd(t, harness.WithInsecureRegistry(reg))
+	node := harness.StartNode(t)
+	reg := node.Registry.Host
 	s := harness.NewSigner(t)
 	signed := reg + "/cli/app@" + harness.PushRandomImage(t, reg+"/cli/app:v1", 2048)
 	s.Sign(t, reg+"/cli/app", strings.TrimPrefix(signed, reg+"/cli/app@"))
@@ -57,18 +56,11 @@ func TestPrefetchCommand(t *testing.T) {
 		return p
 	}
 	config := func(pinFile string) string {
-		return write("config-"+pinFile+".yaml", fmt.Sprintf(`runtimeEndpoint: %s
-stateDir: %s
-registries:
-  insecure: [%q]
-policies:
-- name: cli
-  images: ["%s/**"]
-  keys: [%q]
-pins: [%s]
-kubernetes:
-  enabled: false
-`, ctd.Endpoint(), filepath.Join(dir, "state"), reg, reg, s.PubPath, pinFile))
+		c := harness.AgentConfig(node.Containerd.Endpoint(), filepath.Join(dir, "state"))
+		c.Registries.Insecure = []string{reg}
+		c.Policies = []config.Policy{harness.KeyPolicy("cli", reg+"/**", s.PubPath)}
+		c.Pins = []string{pinFile}
+		return harness.WriteConfig(t, filepath.Join(dir, "config-"+pinFile+".yaml"), c)
 	}
 	write("both.txt", signed+"\n"+unsigned+"  # not signed\n")
 	write("good.txt", signed+"\n")
@@ -88,11 +80,7 @@ kubernetes:
 		t.Errorf("no plain progress lines on a non-terminal stderr:\n%s", errb.String())
 	}
 
-	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := node.CRI
 	if st, err := c.ImageStatus(t.Context(), signed); err != nil || st == nil {
 		t.Errorf("signed pin not on the node: %v %v", st, err)
 	}

@@ -26,6 +26,7 @@ import (
 // unpacks it and runs `pinwarden version` from it as a container (runc),
 // as the image's non-root user.
 func TestImageRunsInContainerd(t *testing.T) {
+	harness.SkipShort(t, "runs containerd")
 	const version, commit = "v9.8.7-ctr", "def5678"
 	opts := Options{Binary: binary(t, version, commit), CACerts: caCerts(t), Version: version, Commit: commit,
 		Arch: runtime.GOARCH, RefName: "ghcr.io/pinwarden/pinwarden:" + version}

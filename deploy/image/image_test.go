@@ -13,6 +13,8 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // binary builds cmd/pinwarden the way `make image` does: static, with
@@ -49,6 +51,7 @@ func caCerts(t *testing.T) []byte {
 // config and files, and runs `pinwarden version` from its unpacked root
 // filesystem.
 func TestImage(t *testing.T) {
+	harness.SkipShort(t, "builds the binary and the image")
 	const version, commit = "v9.8.7-test", "abc1234"
 	opts := Options{Binary: binary(t, version, commit), CACerts: caCerts(t), Version: version, Commit: commit,
 		Arch: runtime.GOARCH, RefName: "ghcr.io/pinwarden/pinwarden:" + version}

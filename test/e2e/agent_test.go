@@ -5,18 +5,14 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"log"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
@@ -43,42 +39,13 @@ func runTests(m *testing.M) int {
 	return m.Run()
 }
 
-// switchRegistry is an in-process OCI registry that can be taken down:
-// while down, every connection is closed without an answer, as a registry
-// that went away looks to a client.
-type switchRegistry struct {
-	Host string
-	down atomic.Bool
-}
-
-func startRegistry(t *testing.T) *switchRegistry {
-	t.Helper()
-	r := &switchRegistry{}
-	h := harness.RegistryHandler()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		if r.down.Load() {
-			if hj, ok := w.(http.Hijacker); ok {
-				if c, _, err := hj.Hijack(); err == nil {
-					_ = c.Close()
-					return
-				}
-			}
-			http.Error(w, "down", http.StatusServiceUnavailable)
-			return
-		}
-		h.ServeHTTP(w, req)
-	}))
-	t.Cleanup(srv.Close)
-	r.Host = strings.TrimPrefix(srv.URL, "http://")
-	return r
-}
-
-// env is one test's node: a private containerd, a registry, a signer and a
-// directory for the agent's config, pins and state.
+// env is one test's node: a private containerd, a registry (that can be
+// taken down), a signer and a directory for the agent's config, pins and
+// state.
 type env struct {
 	t      *testing.T
 	ctr    *harness.Containerd
-	reg    *switchRegistry
+	reg    *harness.CountingRegistry
 	rt     *cri.Client
 	signer *harness.Signer
 	dir    string
@@ -86,14 +53,8 @@ type env struct {
 
 func newEnv(t *testing.T, opts ...harness.Option) *env {
 	t.Helper()
-	reg := startRegistry(t)
-	ctr := harness.StartContainerd(t, append([]harness.Option{harness.WithInsecureRegistry(reg.Host)}, opts...)...)
-	rt, err := cri.Dial(t.Context(), ctr.Endpoint(), "k8s.io")
-	if err != nil {
-		t.Fatalf("dial containerd: %v", err)
-	}
-	t.Cleanup(func() { _ = rt.Close() })
-	return &env{t: t, ctr: ctr, reg: reg, rt: rt, signer: harness.NewSigner(t), dir: t.TempDir()}
+	n := harness.StartNode(t, opts...)
+	return &env{t: t, ctr: n.Containerd, reg: n.Registry, rt: n.CRI, signer: harness.NewSigner(t), dir: t.TempDir()}
 }
 
 // push pushes a random image to repo:tag on the registry, signs it with s
@@ -119,77 +80,47 @@ func (e *env) pull(ref string) {
 	}
 }
 
-// config is the agent config of a test; policies is the YAML list under
-// policies:.
-type config struct {
-	metrics, status string
-	policies        string
-	pins            []string
-}
-
-func (e *env) newConfig(policies string) *config {
-	return &config{metrics: harness.FreeAddr(e.t), status: harness.FreeAddr(e.t), policies: policies}
+// newConfig is the agent config of a test: the env's containerd, state
+// dir and registry, listeners on free loopback ports, and the policies.
+func (e *env) newConfig(policies ...config.Policy) *config.Config {
+	c := harness.AgentConfig(e.ctr.Endpoint(), filepath.Join(e.dir, "state"))
+	c.NodeName = "e2e-node"
+	c.MetricsAddress, c.StatusAddress = harness.FreeAddr(e.t), harness.FreeAddr(e.t)
+	c.Registries.Insecure = []string{e.reg.Host}
+	c.Policies = policies
+	return c
 }
 
 func (e *env) configPath() string { return filepath.Join(e.dir, "config.yaml") }
 
-// writeConfig writes c (or raw text, when raw is not empty) to the config
-// path by rename, as editors and ConfigMap updates do.
-func (e *env) writeConfig(c *config, raw string) {
+// writeConfig writes c to the config path by rename, as editors and
+// ConfigMap updates do.
+func (e *env) writeConfig(c *config.Config) {
 	e.t.Helper()
-	text := raw
-	if text == "" {
-		pins := "[]"
-		if len(c.pins) > 0 {
-			pins = "[" + strings.Join(c.pins, ", ") + "]"
-		}
-		text = fmt.Sprintf(`runtimeEndpoint: %s
-containerdNamespace: k8s.io
-nodeName: e2e-node
-stateDir: %s
-metricsAddress: %s
-statusAddress: %s
-registries:
-  insecure: [%q]
-pins: %s
-prefetch: {enabled: false}
-kubernetes: {enabled: false}
-policies:
-%s
-`, e.ctr.Endpoint(), filepath.Join(e.dir, "state"), c.metrics, c.status, e.reg.Host, pins, c.policies)
-	}
-	e.writeFile(e.configPath(), text)
+	harness.WriteConfig(e.t, e.configPath(), c)
 }
 
 func (e *env) writeFile(path, text string) {
 	e.t.Helper()
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(text), 0o600); err != nil {
-		e.t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		e.t.Fatal(err)
-	}
+	harness.WriteFile(e.t, path, []byte(text))
 }
 
 // keyPolicy is one policy entry that trusts the given signers.
-func keyPolicy(name, glob string, signers ...*harness.Signer) string {
+func keyPolicy(name, glob string, signers ...*harness.Signer) config.Policy {
 	keys := make([]string, len(signers))
 	for i, s := range signers {
-		keys[i] = strconv.Quote(s.PubPath)
+		keys[i] = s.PubPath
 	}
-	return fmt.Sprintf("  - name: %s\n    images: [%q]\n    keys: [%s]\n", name, glob, strings.Join(keys, ", "))
+	return harness.KeyPolicy(name, glob, keys...)
 }
 
-func denyPolicy(name, glob string) string {
-	return fmt.Sprintf("  - name: %s\n    images: [%q]\n    deny: true\n", name, glob)
-}
+var denyPolicy = harness.DenyPolicy
 
 // startAgent runs the agent binary on the env's config file and waits for
 // /readyz.
-func (e *env) startAgent(c *config) *harness.Agent {
+func (e *env) startAgent(c *config.Config) *harness.Agent {
 	e.t.Helper()
-	return harness.StartAgent(e.t, binPath, e.configPath(), c.metrics, c.status)
+	return harness.StartAgent(e.t, binPath, e.configPath(), c.MetricsAddress, c.StatusAddress)
 }
 
 // stop stops a with SIGTERM (a clean exit within 5 s) and logs how long it took.

@@ -6,13 +6,13 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
@@ -85,14 +85,8 @@ current-context: e2e
 	tool, toolD := e.push("thirdparty/tool:v1", e.signer)
 	e.pull(tool)
 	c := e.newConfig(denyPolicy("third-party", e.reg.Host+"/thirdparty/**"))
-	e.writeConfig(c, "")
-	cfgText, err := os.ReadFile(e.configPath())
-	if err != nil {
-		t.Fatal(err)
-	}
-	withKube := strings.Replace(string(cfgText), "kubernetes: {enabled: false}",
-		fmt.Sprintf("kubernetes: {enabled: true, kubeconfig: %q, events: true, nodeCondition: true}", kubeconfig), 1)
-	e.writeConfig(nil, withKube)
+	c.Kubernetes = config.Kubernetes{Enabled: true, Kubeconfig: kubeconfig, Events: true, NodeCondition: true}
+	e.writeConfig(c)
 	a := e.startAgent(c)
 	a.WaitVerdict(toolD, 15*time.Second)
 
@@ -103,7 +97,7 @@ current-context: e2e
 		return api.sawWrite("/nodes/e2e-node/status", "UntrustedImage"), "no such write"
 	})
 
-	e.writeConfig(nil, withKube+"bogusKey: 1\n")
+	e.writeFile(e.configPath(), string(harness.ConfigYAML(t, c))+"bogusKey: 1\n")
 	harness.Eventually(t, 10*time.Second, "ConfigInvalid event", func() (bool, string) {
 		return api.sawWrite("/events", "ConfigInvalid", "bogusKey"), "no such write"
 	})

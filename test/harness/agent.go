@@ -2,8 +2,10 @@ package harness
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -41,27 +43,50 @@ type Agent struct {
 	MetricsURL string // http://host:port of metricsAddress
 	StatusAddr string // host:port of statusAddress
 	logPath    string
+	client     *http.Client
 	done       chan struct{}
 	err        error // exit status, set before done is closed
+}
+
+// AgentOption configures ExecAgent and StartAgent.
+type AgentOption func(*exec.Cmd)
+
+// WithAgentEnv adds environment variables (KEY=VALUE) to the agent's.
+func WithAgentEnv(env ...string) AgentOption {
+	return func(c *exec.Cmd) { c.Env = append(os.Environ(), env...) }
 }
 
 // StartAgent runs bin on configPath, whose metricsAddress and statusAddress
 // must be metricsAddr and statusAddr, and waits until /readyz answers 200. The
 // agent is killed when the test ends; its log is printed if the test failed.
-func StartAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string) *Agent {
+func StartAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string, opts ...AgentOption) *Agent {
 	t.Helper()
+	a := ExecAgent(t, bin, configPath, metricsAddr, statusAddr, opts...)
+	a.WaitReady(20 * time.Second)
+	return a
+}
+
+// ExecAgent is StartAgent without the wait: it returns as soon as the
+// process runs (benchmarks time the start-up themselves).
+func ExecAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string, opts ...AgentOption) *Agent {
+	t.Helper()
+	SkipShort(t, "the agent binary")
 	logf, err := os.CreateTemp(t.TempDir(), "agent-*.log")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "agent", "--config", configPath) //nolint:gosec // the binary under test
+	cmd := exec.Command(bin, "agent", "--config", configPath)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	for _, o := range opts {
+		o(cmd)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start agent: %v", err)
 	}
 	a := &Agent{t: t, cmd: cmd, MetricsURL: "http://" + metricsAddr, StatusAddr: statusAddr,
-		logPath: logf.Name(), done: make(chan struct{})}
+		logPath: logf.Name(), done: make(chan struct{}),
+		client: &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 4}}}
 	go func() { a.err = cmd.Wait(); _ = logf.Close(); close(a.done) }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
@@ -70,21 +95,29 @@ func StartAgent(t testing.TB, bin, configPath, metricsAddr, statusAddr string) *
 			t.Logf("agent log:\n%s", a.Log())
 		}
 	})
-	Eventually(t, 20*time.Second, "agent ready", func() (bool, string) {
+	return a
+}
+
+// WaitReady waits until /readyz answers 200 (the agent has listed the
+// runtime), failing the test if the agent exits first or timeout passes.
+func (a *Agent) WaitReady(timeout time.Duration) {
+	a.t.Helper()
+	Eventually(a.t, timeout, "agent ready", func() (bool, string) {
 		select {
 		case <-a.done:
-			t.Fatalf("agent exited at start: %v\n%s", a.err, a.Log())
+			a.t.Fatalf("agent exited at start: %v\n%s", a.err, a.Log())
 		default:
 		}
-		resp, err := http.Get(a.MetricsURL + "/readyz")
+		_, err := a.get(a.t.Context(), a.MetricsURL+"/readyz")
 		if err != nil {
 			return false, err.Error()
 		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK, resp.Status
+		return true, ""
 	})
-	return a
 }
+
+// Exited is closed when the agent process has exited.
+func (a *Agent) Exited() <-chan struct{} { return a.done }
 
 // PID is the agent's process ID.
 func (a *Agent) PID() int { return a.cmd.Process.Pid }
@@ -117,9 +150,7 @@ func (a *Agent) Stop() time.Duration {
 // Images is the agent's GET /v1/images keyed by digest.
 func (a *Agent) Images() map[string]status.Image {
 	a.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	imgs, err := status.Fetch(ctx, http.DefaultClient, a.StatusAddr)
+	imgs, err := a.TryImages(a.t.Context())
 	if err != nil {
 		a.t.Fatalf("GET /v1/images: %v", err)
 	}
@@ -130,17 +161,33 @@ func (a *Agent) Images() map[string]status.Image {
 	return out
 }
 
+// TryImages is GET /v1/images, with the error instead of a failed test (to
+// poll an agent that may not listen yet).
+func (a *Agent) TryImages(ctx context.Context) ([]status.Image, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	return status.Fetch(ctx, a.client, a.StatusAddr)
+}
+
 // Metrics scrapes /metrics and returns the samples keyed by series as
 // Prometheus prints them: `name{a="x",b="y"}`.
 func (a *Agent) Metrics() map[string]float64 {
 	a.t.Helper()
-	resp, err := http.Get(a.MetricsURL + "/metrics")
+	m, err := a.TryMetrics(a.t.Context())
 	if err != nil {
-		a.t.Fatalf("GET /metrics: %v", err)
+		a.t.Fatal(err)
 	}
-	defer resp.Body.Close()
+	return m
+}
+
+// TryMetrics is Metrics with the error instead of a failed test.
+func (a *Agent) TryMetrics(ctx context.Context) (map[string]float64, error) {
+	b, err := a.get(ctx, a.MetricsURL+"/metrics")
+	if err != nil {
+		return nil, err
+	}
 	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
+	sc := bufio.NewScanner(bytes.NewReader(b))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
@@ -150,14 +197,50 @@ func (a *Agent) Metrics() map[string]float64 {
 		i := strings.LastIndexByte(line, ' ')
 		v, err := strconv.ParseFloat(line[i+1:], 64)
 		if err != nil {
-			a.t.Fatalf("metrics line %q: %v", line, err)
+			return nil, fmt.Errorf("metrics line %q: %w", line, err)
 		}
 		out[line[:i]] = v
 	}
 	if err := sc.Err(); err != nil {
-		a.t.Fatalf("read /metrics: %v", err)
+		return nil, fmt.Errorf("read /metrics: %w", err)
 	}
-	return out
+	return out, nil
+}
+
+// get returns the body of a 200 answer to GET url.
+func (a *Agent) get(ctx context.Context, url string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := a.client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return b, nil
+}
+
+// LogTime returns the time of the first line of the agent's log that
+// contains msg (slog text: time=RFC3339 ... msg="..."), or the zero time.
+func (a *Agent) LogTime(msg string) time.Time {
+	for line := range strings.SplitSeq(a.Log(), "\n") {
+		if !strings.Contains(line, `msg="`+msg+`"`) && !strings.Contains(line, "msg="+msg+" ") {
+			continue
+		}
+		f, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+		if at, err := time.Parse(time.RFC3339Nano, f); err == nil {
+			return at
+		}
+	}
+	return time.Time{}
 }
 
 // WaitVerdict waits until digest has a verdict other than "pending/queued"

@@ -1,7 +1,23 @@
 // Package harness starts real parts for pinwarden's tests: private containerd
 // daemons (Debian's 1.6 line and the 2.x line), OCI registries (in-process
 // go-containerregistry and the Debian distribution binary) and helpers that
-// push small random images into them.
+// push small random images into them. It is also the one home of the test
+// helpers every package shares, so that none is written twice:
+//
+//   - StartNode: containerd + registry + CRI client, the start of most
+//     integration tests; StartContainerd, StartRegistry, DialCRI for the parts;
+//   - CountingRegistry: a registry that counts requests (all, pinwarden's,
+//     repositories in flight), can be slowed and taken down;
+//   - Signer and SignDigest: cosign signatures with the cosign library;
+//   - AgentConfig, KeyPolicy, DenyPolicy, WriteConfig, Parsed: agent configs
+//     as typed values (config.Config), rendered to the YAML the agent reads;
+//   - StartAgent / ExecAgent: the pinwarden agent binary, its /metrics,
+//     /v1/images and log;
+//   - Eventually: wait for a condition with a deadline (never sleep-and-check);
+//   - Clock: a settable fake clock for code that takes a now func (code with
+//     timers uses testing/synctest instead);
+//   - RequireBinary: find a tool (containerd, crictl, cosign, promtool),
+//     else skip, or fail when CI=true.
 //
 // Every part is owned by one test: it lives under t.TempDir(), listens on
 // loopback only, and is stopped by t.Cleanup. When a binary a part needs is
@@ -27,6 +43,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
+	"github.com/pinwarden/pinwarden/cri"
 )
 
 // Flavour is one containerd release line the tests run against.
@@ -73,6 +91,7 @@ type Option func(*options)
 type options struct {
 	flavour  Flavour
 	insecure []string
+	cri      []cri.Option // StartNode's CRI client
 }
 
 // WithFlavour selects the containerd line (default Containerd2).
@@ -103,18 +122,44 @@ type Containerd struct {
 	done chan struct{} // closed when cmd has exited
 }
 
-// RequireBinary skips the test when path is not an executable file, or fails it
-// when CI=true.
-func RequireBinary(t testing.TB, path string) {
+// RequireBinary returns the path of a tool the test needs and skips the test
+// when it is missing, or fails it when CI=true (CI must never pass by
+// skipping). tool is a path (an executable file there) or a command name,
+// looked up on $PATH and then in $(go env GOPATH)/bin, where
+// `.ci/install.sh` puts the Go tools (cosign, crane, crictl, containerd 2.x).
+func RequireBinary(t testing.TB, tool string) string {
 	t.Helper()
-	st, err := os.Stat(path)
-	if err == nil && !st.IsDir() && st.Mode()&0o111 != 0 {
-		return
+	if p, ok := findTool(tool); ok {
+		return p
 	}
 	if os.Getenv("CI") == "true" {
-		t.Fatalf("required binary %s is missing (CI=true: not skipping)", path)
+		t.Fatalf("required binary %s is missing (CI=true: not skipping; make tools installs it)", tool)
 	}
-	t.Skipf("required binary %s is missing", path)
+	t.Skipf("required binary %s is missing (make tools installs it)", tool)
+	return ""
+}
+
+func findTool(tool string) (string, bool) {
+	executable := func(p string) bool {
+		st, err := os.Stat(p)
+		return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
+	}
+	if strings.ContainsRune(tool, filepath.Separator) {
+		return tool, executable(tool)
+	}
+	if p, err := exec.LookPath(tool); err == nil {
+		return p, true
+	}
+	gopath := os.Getenv("GOPATH")
+	if gopath == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return "", false
+		}
+		gopath = filepath.Join(home, "go")
+	}
+	p := filepath.Join(filepath.SplitList(gopath)[0], "bin", tool)
+	return p, executable(p)
 }
 
 // StartContainerd starts a private containerd with the native snapshotter and
@@ -122,6 +167,7 @@ func RequireBinary(t testing.TB, path string) {
 // cleanup that kills it. The daemon's log is printed when the test fails.
 func StartContainerd(t testing.TB, opts ...Option) *Containerd {
 	t.Helper()
+	SkipShort(t, "containerd")
 	o := options{flavour: Containerd2}
 	for _, opt := range opts {
 		opt(&o)
@@ -294,7 +340,7 @@ func (c *Containerd) start() error {
 	if err != nil {
 		return fmt.Errorf("open log: %w", err)
 	}
-	cmd := exec.Command(c.bin, "--config", filepath.Join(c.dir, "config.toml")) //nolint:gosec // test harness runs a known binary
+	cmd := exec.Command(c.bin, "--config", filepath.Join(c.dir, "config.toml"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

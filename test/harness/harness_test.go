@@ -40,6 +40,9 @@ func TestRequireBinaryNeverSkipsInCI(t *testing.T) {
 		{"true", "/nonexistent/containerd", false, true},
 		{"true", "/bin/sh", false, false},
 		{"", "/bin/sh", false, false},
+		{"", "sh", false, false},
+		{"", "pinwarden-no-such-tool", true, false},
+		{"true", "pinwarden-no-such-tool", false, true},
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprintf("CI=%q %s", tt.ci, tt.path), func(t *testing.T) {

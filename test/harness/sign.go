@@ -2,12 +2,14 @@ package harness
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -61,27 +63,38 @@ func (s *Signer) Sign(t testing.TB, repo, digest string) {
 	if err != nil {
 		t.Fatalf("parse %s@%s: %v", repo, digest, err)
 	}
+	if err := SignDigest(t.Context(), s.sv, d); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// SignDigest signs d with signer the way `cosign sign --key` does (a
+// simple-signing payload in a legacy .sig manifest, no transparency log) and
+// pushes the signature to d's repository. Signer.Sign and make demo's
+// demotool share it.
+func SignDigest(ctx context.Context, signer signature.Signer, d name.Digest) error {
 	pl, err := json.Marshal(payload.Cosign{Image: d})
 	if err != nil {
-		t.Fatalf("payload: %v", err)
+		return fmt.Errorf("payload: %w", err)
 	}
-	raw, err := s.sv.SignMessage(bytes.NewReader(pl))
+	raw, err := signer.SignMessage(bytes.NewReader(pl))
 	if err != nil {
-		t.Fatalf("sign: %v", err)
+		return fmt.Errorf("sign %s: %w", d, err)
 	}
 	sig, err := static.NewSignature(pl, base64.StdEncoding.EncodeToString(raw))
 	if err != nil {
-		t.Fatalf("signature layer: %v", err)
+		return fmt.Errorf("signature layer: %w", err)
 	}
-	ropts := ociremote.WithRemoteOptions(remote.WithContext(t.Context()))
+	ropts := ociremote.WithRemoteOptions(remote.WithContext(ctx))
 	se, err := ociremote.SignedEntity(d, ropts)
 	if err != nil {
-		t.Fatalf("signed entity %s: %v", d, err)
+		return fmt.Errorf("signed entity %s: %w", d, err)
 	}
 	if se, err = mutate.AttachSignatureToEntity(se, sig); err != nil {
-		t.Fatalf("attach signature: %v", err)
+		return fmt.Errorf("attach signature: %w", err)
 	}
 	if err := ociremote.WriteSignatures(d.Repository, se, ropts); err != nil {
-		t.Fatalf("push signature for %s: %v", d, err)
+		return fmt.Errorf("push signature for %s: %w", d, err)
 	}
+	return nil
 }
