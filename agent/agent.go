@@ -430,14 +430,17 @@ func restartOnly(old, cur *config.Config) []string {
 // holding slices included (== on those panics).
 func differs(a, b any) bool { return !reflect.DeepEqual(a, b) }
 
-// probes serves /metrics, /healthz and /readyz (ready after the first full list).
-func probes(m *metrics.Metrics, inv *inventory.Inventory) http.Handler {
+// probes serves /metrics, /healthz (the agent itself answers) and /readyz
+// (after the first full list, and not while the runtime has been unreachable
+// for longer than runtimeDownGrace; see readiness).
+func probes(m *metrics.Metrics, rt runtimeState) http.Handler {
+	ready := &readiness{rt: rt, grace: runtimeDownGrace}
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(m.Registry(), promhttp.HandlerOpts{}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !inv.Ready() {
-			http.Error(w, "waiting for the first full list of the runtime", http.StatusServiceUnavailable)
+		if err := ready.check(time.Now()); err != nil {
+			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

@@ -1,0 +1,165 @@
+package image
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+
+	"github.com/pinwarden/pinwarden/test/harness"
+)
+
+// TestImageRunsInContainerd imports the OCI layout into a real containerd,
+// unpacks it and runs `pinwarden version` from it as a container (runc),
+// as the image's non-root user.
+func TestImageRunsInContainerd(t *testing.T) {
+	harness.SkipShort(t, "runs containerd")
+	const version, commit = "v9.8.7-ctr", "def5678"
+	opts := Options{Binary: binary(t, version, commit), CACerts: caCerts(t), Version: version, Commit: commit,
+		Arch: runtime.GOARCH, RefName: "ghcr.io/pinwarden/pinwarden:" + version}
+	img, err := Build(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), "layout")
+	if err := WriteLayout(dir, img, opts.RefName); err != nil {
+		t.Fatal(err)
+	}
+	want, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	c := harness.StartContainerd(t)
+	client, err := containerd.New(c.Address())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	ctx, cancel := context.WithTimeout(namespaces.WithNamespace(t.Context(), "pinwarden-test"), 2*time.Minute)
+	defer cancel()
+
+	imported, err := client.Import(ctx, tarDir(t, dir), containerd.WithAllPlatforms(false))
+	if err != nil {
+		t.Fatalf("import: %v", err)
+	}
+	var name string
+	for _, im := range imported {
+		if im.Target.Digest.String() == want.String() {
+			name = im.Name
+		}
+	}
+	if name == "" {
+		t.Fatalf("imported %+v, none with digest %s", imported, want)
+	}
+	ci, err := client.GetImage(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ci.Unpack(ctx, "native"); err != nil {
+		t.Fatalf("unpack: %v", err)
+	}
+	ctr, err := client.NewContainer(ctx, "pinwarden-version",
+		containerd.WithSnapshotter("native"),
+		containerd.WithNewSnapshot("pinwarden-version", ci),
+		containerd.WithNewSpec(oci.WithImageConfig(ci), oci.WithProcessArgs("/pinwarden", "version")))
+	if err != nil {
+		t.Fatalf("container: %v", err)
+	}
+	defer func() { _ = ctr.Delete(context.WithoutCancel(ctx), containerd.WithSnapshotCleanup) }()
+	var out bytes.Buffer
+	task, err := ctr.NewTask(ctx, cio.NewCreator(cio.WithStreams(nil, &out, &out), cio.WithFIFODir(t.TempDir())))
+	if err != nil {
+		t.Fatalf("task: %v\ncontainerd log:\n%s", err, c.LogTail(30))
+	}
+	defer func() { _, _ = task.Delete(context.WithoutCancel(ctx), containerd.WithProcessKill) }()
+	exit, err := task.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Start(ctx); err != nil {
+		t.Fatalf("start: %v", err)
+	}
+	var st containerd.ExitStatus
+	select {
+	case st = <-exit:
+	case <-ctx.Done():
+		_ = task.Kill(context.WithoutCancel(ctx), syscall.SIGKILL)
+		t.Fatal("pinwarden version did not exit")
+	}
+	// The IO copy finishes after the exit: close it before reading.
+	task.CloseIO(context.WithoutCancel(ctx))
+	if pio := task.IO(); pio != nil {
+		pio.Wait()
+	}
+	if st.ExitCode() != 0 || !strings.Contains(out.String(), version) || !strings.Contains(out.String(), commit) {
+		t.Fatalf("pinwarden version in a container: exit %d, output %q", st.ExitCode(), out.String())
+	}
+	spec, err := ctr.Spec(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Process.User.UID != 65532 {
+		t.Errorf("ran as uid %d, want the image's 65532", spec.Process.User.UID)
+	}
+}
+
+// tarDir streams dir (an OCI layout) as a tar archive.
+func tarDir(t *testing.T, dir string) io.Reader {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || path == dir {
+			return err
+		}
+		rel, err := filepath.Rel(dir, path)
+		if err != nil {
+			return err
+		}
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		h, err := tar.FileInfoHeader(info, "")
+		if err != nil {
+			return err
+		}
+		h.Name = filepath.ToSlash(rel)
+		if d.IsDir() {
+			h.Name += "/"
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		_, err = tw.Write(b)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return &buf
+}
