@@ -17,14 +17,43 @@ const (
 	TopicImageDelete = "/images/delete"
 )
 
-// Event is one image event from containerd. containerd events carry only the
-// image name, never a digest.
+// Task and container topics: a container (or pod sandbox) started, exited or
+// went away. Their events say which container, not its state as CRI reports
+// it; the caller lists the containers again.
+const (
+	TopicTaskStart       = "/tasks/start"
+	TopicTaskExit        = "/tasks/exit"
+	TopicTaskDelete      = "/tasks/delete"
+	TopicContainerCreate = "/containers/create"
+	TopicContainerDelete = "/containers/delete"
+)
+
+var containerTopics = []string{TopicTaskStart, TopicTaskExit, TopicTaskDelete, TopicContainerCreate, TopicContainerDelete}
+
+// Event is one image or container event from containerd. Image events carry
+// only the image name, never a digest.
 type Event struct {
-	Topic string // TopicImageCreate, TopicImageUpdate or TopicImageDelete
-	Name  string // the containerd image name: "repo:tag", "repo@sha256:..." or "sha256:<id>"
+	// Topic is one of the Topic* constants.
+	Topic string
+	// Name is the containerd image name of an image event ("repo:tag",
+	// "repo@sha256:..." or "sha256:<id>"), the container ID of a task or
+	// container event.
+	Name string
 }
 
-// Events subscribes to the image events of the namespace. The subscription
+// IsContainer reports whether e is a task or container event rather than an
+// image event.
+func (e Event) IsContainer() bool {
+	for _, t := range containerTopics {
+		if e.Topic == t {
+			return true
+		}
+	}
+	return false
+}
+
+// Events subscribes to the image, task and container events of the
+// namespace. The subscription
 // is open when Events returns, so a list made afterwards misses nothing. The
 // event channel is never closed; the error channel receives exactly one
 // error when the stream ends (ctx.Err() after cancellation), after which no
@@ -38,6 +67,9 @@ func (c *Client) Events(ctx context.Context) (<-chan Event, <-chan error) {
 		`topic=="` + TopicImageUpdate + `",namespace==` + ns,
 		`topic=="` + TopicImageDelete + `",namespace==` + ns,
 	}}
+	for _, t := range containerTopics {
+		req.Filters = append(req.Filters, `topic=="`+t+`",namespace==`+ns)
+	}
 	stream, err := c.ctdEvents.Subscribe(ctx, req)
 	if err != nil {
 		errc <- fmt.Errorf("subscribe to events: %w", mapErr(err))
@@ -73,8 +105,41 @@ func (c *Client) Events(ctx context.Context) (<-chan Event, <-chan error) {
 	return evc, errc
 }
 
-// eventName decodes the image name of an image event payload.
+// eventName decodes the image name of an image event payload, or the
+// container ID of a task or container event.
 func eventName(topic string, payload []byte) (string, bool) {
+	var task interface {
+		proto.Message
+		GetContainerID() string
+	}
+	var ctr interface {
+		proto.Message
+		GetID() string
+	}
+	switch topic {
+	case TopicTaskStart:
+		task = &eventsapi.TaskStart{}
+	case TopicTaskExit:
+		task = &eventsapi.TaskExit{}
+	case TopicTaskDelete:
+		task = &eventsapi.TaskDelete{}
+	case TopicContainerCreate:
+		ctr = &eventsapi.ContainerCreate{}
+	case TopicContainerDelete:
+		ctr = &eventsapi.ContainerDelete{}
+	}
+	switch {
+	case task != nil:
+		if err := proto.Unmarshal(payload, task); err != nil || task.GetContainerID() == "" {
+			return "", false
+		}
+		return task.GetContainerID(), true
+	case ctr != nil:
+		if err := proto.Unmarshal(payload, ctr); err != nil || ctr.GetID() == "" {
+			return "", false
+		}
+		return ctr.GetID(), true
+	}
 	var msg interface {
 		proto.Message
 		GetName() string

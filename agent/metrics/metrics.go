@@ -58,7 +58,8 @@ type State struct {
 }
 
 // knownTopics bounds the topic label of pinwarden_runtime_events_total.
-var knownTopics = map[string]bool{"/images/create": true, "/images/update": true, "/images/delete": true}
+var knownTopics = map[string]bool{"/images/create": true, "/images/update": true, "/images/delete": true,
+	"/tasks/start": true, "/tasks/exit": true, "/tasks/delete": true, "/containers/create": true, "/containers/delete": true}
 
 // Metrics holds every metric. Create it with New; the zero value is unusable.
 type Metrics struct {
@@ -93,7 +94,7 @@ func New(version string, maxProblemSeries int) *Metrics {
 	m.runtimeUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("runtime_up"),
 		Help: "1 while the container runtime's CRI and event stream are connected."})
 	m.runtimeEvents = prometheus.NewCounterVec(prometheus.CounterOpts{Name: f("runtime_events_total"),
-		Help: "Runtime image events received, by topic."}, []string{"topic"})
+		Help: "Runtime image, task and container events received, by topic."}, []string{"topic"})
 	m.resyncs = prometheus.NewCounter(prometheus.CounterOpts{Name: f("resyncs_total"),
 		Help: "Full relists of the runtime's images and containers."})
 	m.lastResync = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("last_resync_timestamp_seconds"),
