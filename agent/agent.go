@@ -122,7 +122,7 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 	defer rt.Close()
 
-	rep, err := newReporter(cfg, logger.With("component", "report"))
+	rep, err := newReporter(cfg, logger.With("component", "report"), report.WithHoldObserver(m.QuarantineHeldBack))
 	if err != nil {
 		return ConfigError{err}
 	}
@@ -238,6 +238,11 @@ func (a *agent) reload() {
 	a.cur = s
 	a.mu.Unlock()
 	a.metrics.ConfigReload(true)
+	if a.report != nil {
+		// kubernetes.* except enabled and kubeconfig take effect now:
+		// quarantineTaint false lifts the taint within seconds.
+		a.report.SetOptions(report.FromConfig(s.Config.Kubernetes)...)
+	}
 	for _, k := range restartOnly(old.Config, s.Config) {
 		a.log.Warn("config key changed; it takes effect after a restart", "key", k)
 	}
@@ -281,7 +286,8 @@ func restartOnly(old, cur *config.Config) []string {
 	if !slices.Equal(old.Registries.Insecure, cur.Registries.Insecure) {
 		keys = append(keys, "registries.insecure")
 	}
-	check("kubernetes", old.Kubernetes, cur.Kubernetes)
+	check("kubernetes.enabled", old.Kubernetes.Enabled, cur.Kubernetes.Enabled)
+	check("kubernetes.kubeconfig", old.Kubernetes.Kubeconfig, cur.Kubernetes.Kubeconfig)
 	return keys
 }
 

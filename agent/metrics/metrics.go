@@ -82,6 +82,7 @@ type Metrics struct {
 	cacheCorrupt     prometheus.Counter
 	queueDropped     prometheus.Counter
 	queueDepth       prometheus.Gauge
+	quarantineHeld   prometheus.Gauge
 
 	imagesDesc, problemsDesc, droppedDesc, driftedDesc, tagDesc, runningDesc *prometheus.Desc
 }
@@ -121,6 +122,8 @@ func New(version string, maxProblemSeries int) *Metrics {
 		Help: "Cache files found corrupt, moved aside and rebuilt."})
 	m.queueDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_dropped_total"),
 		Help: "Digests dropped because the verification queue was full (the next relist re-queues them)."})
+	m.quarantineHeld = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("quarantine_held_back"),
+		Help: "1 while kubernetes.quarantineMaxUnavailable keeps the quarantine taint off this node."})
 	m.queueDepth = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("queue_depth"),
 		Help: "Digests waiting for verification."})
 	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: f("build_info"),
@@ -152,7 +155,7 @@ func New(version string, maxProblemSeries int) *Metrics {
 	}
 	m.reg.MustRegister(m.runtimeUp, m.runtimeEvents, m.resyncs, m.lastResync, m.verifications, m.verifyDuration,
 		m.prefetch, m.prefetchDuration, m.prefetchPending, m.reloads, m.lastReloadOK, m.cacheWriteErrors, m.cacheCorrupt,
-		m.queueDropped, m.queueDepth, buildInfo, stateCollector{m},
+		m.queueDropped, m.queueDepth, m.quarantineHeld, buildInfo, stateCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.state.Store(&published{State: &State{}})
 	return m
@@ -249,6 +252,10 @@ func (m *Metrics) CacheWriteError() { m.cacheWriteErrors.Inc() }
 
 // CacheCorrupt counts a corrupt cache file moved aside.
 func (m *Metrics) CacheCorrupt() { m.cacheCorrupt.Inc() }
+
+// QuarantineHeldBack records whether the blast-radius guard holds the
+// quarantine taint back.
+func (m *Metrics) QuarantineHeldBack(held bool) { m.quarantineHeld.Set(b2f(held)) }
 
 // QueueDropped counts a digest dropped from a full queue.
 func (m *Metrics) QueueDropped() { m.queueDropped.Inc() }
