@@ -62,7 +62,7 @@ for m in "${micro[@]}"; do
 done
 
 # --- end-to-end benchmarks (bench/, PINWARDEN_BENCH=1) ---------------------
-for name in TestVerifyCLI TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase; do
+for name in TestVerifyCLI TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase TestContainerStartToCondition; do
   cmd="PINWARDEN_BENCH=1 go test -v -count=1 -timeout 12m -run '^$name\$' ./bench"
   say "$cmd"
   if ! PINWARDEN_BENCH=1 PINWARDEN_BENCH_OUT=$rows PINWARDEN_BENCH_CMD="$cmd" \
@@ -141,6 +141,11 @@ EOF
   binary). Extra rows: the runtime's own time for the three calls of one relist, timed from a
   Go client after the agent stopped (containerd on the same 2 cores does this work during the
   agent's relist); and the RSS of a start with `GOMEMLIMIT` at the goal, as the DaemonSet sets it.
+- **container start -> condition** (`TestContainerStartToCondition`, issue 11): the real agent binary, a real
+  kube-apiserver v1.37 on etcd and containerd 2.x running real pods through CRI (`harness.Pods`); an unsigned image
+  pulled and judged first; the latency is from `RunPod` returning (CRI reports the container running) to
+  `UntrustedImage` `True` on the Node read from the API server (polled every 5 ms), and from `StopPod` returning to
+  `False`; 30 rounds.
 - **prefetch** (`TestPrefetchVsCrictl`, `TestIfNotPresentImagePhase`, issue 5): see the comments
   on those tests in `bench/prefetch_test.go`.
 EOF

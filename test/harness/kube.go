@@ -384,6 +384,9 @@ current-context: harness
 	}
 }
 
+// WriteAdminKubeconfig writes a kubeconfig at path for the admin user.
+func (k *Kube) WriteAdminKubeconfig(path string) { k.WriteKubeconfig(path, adminToken) }
+
 // selfSignedCert returns a self-signed ECDSA serving certificate for
 // 127.0.0.1 and localhost, and its key, both PEM.
 func selfSignedCert(t testing.TB) (certPEM, keyPEM []byte) {
