@@ -6,16 +6,21 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
-	"slices"
+	"reflect"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
@@ -32,6 +37,7 @@ import (
 	"github.com/pinwarden/pinwarden/agent/reload"
 	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/cri"
 )
@@ -59,15 +65,46 @@ func LoadSettings(path string) (*Settings, error) {
 	if err != nil {
 		return nil, err
 	}
+	return settingsFor(cfg)
+}
+
+// settingsFor compiles the policies of a loaded config and loads its pins.
+func settingsFor(cfg *config.Config) (*Settings, error) {
 	set, err := policy.Compile(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("config %s: %w", path, err)
+		return nil, fmt.Errorf("config %s: %w", cfg.Path, err)
 	}
 	p, err := pins.LoadFiles(cfg.Pins)
 	if err != nil {
 		return nil, err
 	}
 	return &Settings{Config: cfg, Policies: set, Pins: p}, nil
+}
+
+// startSettings loads what the agent starts with. A config that does not
+// parse or validate is an error (exit 2). A config whose named files
+// (keys, trusted root, docker config, pins) are missing or unusable is not:
+// the agent starts with an Unavailable policy set, judges every image
+// pending, and loads the files when they appear. unusable says why.
+func startSettings(path string) (s *Settings, unusable, err error) {
+	cfg, err := config.LoadStatic(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	if unusable = cfg.Validate(); unusable == nil { // now with the files
+		s, err := settingsFor(cfg)
+		if err == nil {
+			return s, nil, nil
+		}
+		unusable = err
+	} else {
+		unusable = fmt.Errorf("config %s: %w", path, unusable)
+	}
+	p, err := pins.LoadFiles(cfg.Pins)
+	if err != nil {
+		p = nil // pending anyway; the pins load with the rest
+	}
+	return &Settings{Config: cfg, Policies: policy.Unavailable(unusable), Pins: p}, unusable, nil
 }
 
 // NewVerifier builds the registry verifier from the config; tune adjusts
@@ -84,16 +121,20 @@ func NewVerifier(cfg *config.Config, logger *slog.Logger, tune ...func(*verify.O
 	return v, nil
 }
 
-// Run runs the agent until ctx is done. A config that cannot be loaded is a
-// ConfigError.
+// Run runs the agent until ctx is done. A config that does not parse or
+// validate is a ConfigError; one whose named files (keys, trusted root,
+// docker config, pins) are missing or unusable is not: the agent starts,
+// reports it, judges every image pending and loads them when they appear.
 func Run(ctx context.Context, configPath, version string, logger *slog.Logger) error {
-	s, err := LoadSettings(configPath)
+	s, unusable, err := startSettings(configPath)
 	if err != nil {
 		return ConfigError{err}
 	}
 	cfg := s.Config
 	m := metrics.New(version, cfg.MaxProblemSeries)
-	m.ConfigReload(true)
+	if unusable == nil {
+		m.ConfigReload(true)
+	} // else a.refused reports it below
 
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		logger.Warn("state directory unusable; verdicts are kept in memory only", "dir", cfg.StateDir, "err", err)
@@ -107,12 +148,23 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 			logger.Warn("closing verdict cache", "err", err)
 		}
 	}()
-	vc.InvalidateExcept(fingerprints(s.Policies))
+	if unusable == nil {
+		vc.InvalidateExcept(fingerprints(s.Policies))
+	} // else: nothing is judged from the cache until the files load
 
 	verifier, err := NewVerifier(cfg, logger.With("component", "verify"))
+	if err != nil && unusable != nil {
+		// The docker config is one of the missing files: no credentials
+		// until it appears, and nothing is verified meanwhile anyway.
+		anon := *cfg
+		anon.Registries.DockerConfig = ""
+		verifier, err = NewVerifier(&anon, logger.With("component", "verify"))
+	}
 	if err != nil {
 		return ConfigError{err}
 	}
+	creds := &liveCredentials{}
+	creds.v.Store(verifier)
 	j := judge.New(s.Policies, verifier,
 		judge.WithCache(vc, cfg.Cache.VerifiedTTL.Duration, cfg.Cache.FailedTTL.Duration), judge.WithObserver(m))
 
@@ -138,7 +190,7 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	var pf *prefetch.Prefetcher
 	if cfg.Prefetch.Enabled {
 		popts := prefetch.Options{Concurrency: cfg.Prefetch.Concurrency, PinGC: cfg.Prefetch.PinGC,
-			Credentials: verifier, Observer: m}
+			Credentials: creds, Observer: m}
 		if rep != nil {
 			popts.Events = rep
 		}
@@ -146,7 +198,11 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		pf.SetPins(s.Pins)
 	}
 
-	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep, prefetch: pf}
+	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep, prefetch: pf,
+		creds: creds, verifierKey: verifierKey(cfg, unusable)}
+	if unusable != nil {
+		a.refused(unusable)
+	}
 	watcher, err := reload.New(a.watchedFiles(), 300*time.Millisecond, logger.With("component", "reload"), a.reload)
 	if err != nil {
 		return fmt.Errorf("watch config: %w", err)
@@ -210,28 +266,73 @@ type agent struct {
 	// prefetch is nil when prefetch.enabled is false.
 	prefetch *prefetch.Prefetcher
 
-	mu  sync.Mutex // guards cur
+	creds *liveCredentials // the current verifier's credentials, for prefetch
+	// verifierKey identifies the registry settings and docker config content
+	// the current verifier was built from; only the reload goroutine uses it.
+	verifierKey string
+
+	mu  sync.Mutex // guards cur and tried
 	cur *Settings
+	// tried is the last config that parsed, good or not: the files it names
+	// are watched too, so that a missing key is picked up when it appears.
+	tried *config.Config
 }
 
+// watchedFiles is the config file and every file named by the current and
+// the last tried config.
 func (a *agent) watchedFiles() []string {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return append([]string{a.path}, a.cur.Config.Pins...)
+	files := append([]string{a.path}, a.cur.Config.Files()...)
+	if a.tried != nil {
+		files = append(files, a.tried.Files()...)
+	}
+	return files
 }
 
-// reload loads the config and pins again. A broken file is refused whole:
-// the last good settings stay in force.
+// refused reports a config that cannot be used: log, metric, ConfigInvalid.
+func (a *agent) refused(err error) {
+	a.metrics.ConfigReload(false)
+	a.mu.Lock()
+	waiting := a.cur.Policies.Err() != nil
+	a.mu.Unlock()
+	msg := "config refused, the last good config and pins stay in force"
+	if waiting {
+		msg = "config unusable, every image stays pending until it loads"
+	}
+	a.log.Error(msg, "err", err)
+	if a.report != nil {
+		a.report.Event(corev1.EventTypeWarning, verdict.EventConfigInvalid, msg+": "+err.Error())
+	}
+}
+
+// reload loads the config and the files it names again. A broken file is
+// refused whole: the last good settings stay in force.
 func (a *agent) reload() {
+	defer func() {
+		if err := a.watcher.Set(a.watchedFiles()); err != nil {
+			a.log.Warn("watching the files named by the config", "err", err)
+		}
+	}()
+	if cfg, err := config.LoadStatic(a.path); err == nil {
+		a.mu.Lock()
+		a.tried = cfg
+		a.mu.Unlock()
+	}
 	s, err := LoadSettings(a.path)
 	if err != nil {
-		a.metrics.ConfigReload(false)
-		a.log.Error("config reload refused; the last good config and pins stay in force", "err", err)
-		if a.report != nil {
-			a.report.Event(corev1.EventTypeWarning, report.ReasonConfigInvalid,
-				"config reload refused, the last good config stays in force: "+err.Error())
-		}
+		a.refused(err)
 		return
+	}
+	if key := verifierKey(s.Config, nil); key != a.verifierKey {
+		v, err := NewVerifier(s.Config, a.log.With("component", "verify"))
+		if err != nil {
+			a.refused(err)
+			return
+		}
+		a.judge.SetVerifier(v)
+		a.creds.v.Store(v)
+		a.verifierKey = key
 	}
 	a.mu.Lock()
 	old := a.cur
@@ -256,22 +357,51 @@ func (a *agent) reload() {
 	// Re-judge every digest, not only those judged under a vanished
 	// fingerprint: a new policy can take over a repository whose old policy
 	// still exists. Unchanged policies answer from the cache.
-	a.loop.Rejudge(nil)
-	if err := a.watcher.Set(a.watchedFiles()); err != nil {
-		a.log.Warn("watching the new pin files", "err", err)
-	}
+	a.loop.Rejudge()
 	a.log.Info("config reloaded", "policies", len(s.Config.Policies), "pins", len(s.Pins), "invalidatedVerdicts", dropped)
 }
 
+// liveCredentials answers with the credentials of the current verifier,
+// which a reload replaces when the docker config changes.
+type liveCredentials struct {
+	v atomic.Pointer[verify.Verifier]
+}
+
+// Credentials implements prefetch.Credentials.
+func (c *liveCredentials) Credentials(host string) (authn.AuthConfig, bool) {
+	return c.v.Load().Credentials(host)
+}
+
+// verifierKey identifies what a verifier is built from: the registry
+// settings and the docker config's content ("" when it cannot be read).
+func verifierKey(cfg *config.Config, unusable error) string {
+	if unusable != nil {
+		return "" // built without the files: any loadable config differs
+	}
+	b, _ := json.Marshal(cfg.Registries) // plain struct: cannot fail
+	h := sha256.Sum256(b)
+	key := hex.EncodeToString(h[:])
+	if cfg.Registries.DockerConfig != "" {
+		fh, err := config.FileHash(cfg.Registries.DockerConfig)
+		if err != nil {
+			return ""
+		}
+		key += "/" + fh
+	}
+	return key
+}
+
 // restartOnly lists the keys that changed but are only read at start-up.
+// Values are compared deeply: some are slices or structs holding slices.
 func restartOnly(old, cur *config.Config) []string {
 	var keys []string
 	check := func(name string, a, b any) {
-		if a != b {
+		if differs(a, b) {
 			keys = append(keys, name)
 		}
 	}
 	check("runtimeEndpoint", old.RuntimeEndpoint, cur.RuntimeEndpoint)
+	check("nodeName", old.NodeName, cur.NodeName)
 	check("containerdNamespace", old.ContainerdNamespace, cur.ContainerdNamespace)
 	check("stateDir", old.StateDir, cur.StateDir)
 	check("metricsAddress", old.MetricsAddress, cur.MetricsAddress)
@@ -280,16 +410,16 @@ func restartOnly(old, cur *config.Config) []string {
 	check("maxProblemSeries", old.MaxProblemSeries, cur.MaxProblemSeries)
 	check("cache", old.Cache, cur.Cache)
 	check("prefetch", old.Prefetch, cur.Prefetch)
-	check("registries.dockerConfig", old.Registries.DockerConfig, cur.Registries.DockerConfig)
-	check("registries.requestsPerSecond", old.Registries.RequestsPerSecond, cur.Registries.RequestsPerSecond)
-	check("registries.burst", old.Registries.Burst, cur.Registries.Burst)
-	if !slices.Equal(old.Registries.Insecure, cur.Registries.Insecure) {
-		keys = append(keys, "registries.insecure")
-	}
+	// registries (and the docker config's content) take effect on reload:
+	// the verifier is rebuilt. kubernetes.* too, but for these two.
 	check("kubernetes.enabled", old.Kubernetes.Enabled, cur.Kubernetes.Enabled)
 	check("kubernetes.kubeconfig", old.Kubernetes.Kubeconfig, cur.Kubernetes.Kubeconfig)
 	return keys
 }
+
+// differs compares two config values of any type, slices and structs
+// holding slices included (== on those panics).
+func differs(a, b any) bool { return !reflect.DeepEqual(a, b) }
 
 // probes serves /metrics, /healthz and /readyz (ready after the first full list).
 func probes(m *metrics.Metrics, inv *inventory.Inventory) http.Handler {

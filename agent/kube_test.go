@@ -5,11 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	corev1 "k8s.io/api/core/v1"
-
 	"github.com/pinwarden/pinwarden/agent/config"
-	"github.com/pinwarden/pinwarden/agent/prefetch"
-	"github.com/pinwarden/pinwarden/agent/report"
 )
 
 func TestNodeName(t *testing.T) {
@@ -53,20 +49,5 @@ func TestNewReporterOutsideACluster(t *testing.T) {
 	cfg.Kubernetes.Enabled = false
 	if r, err := newReporter(cfg, nil); r != nil || err != nil {
 		t.Fatalf("disabled reporting built a reporter: %v, %v", r, err)
-	}
-}
-
-// agent/prefetch names its events without importing agent/report (and with
-// it client-go); the two spellings of the CONTRACT's reasons must agree.
-func TestPrefetchEventNamesMatchTheReporter(t *testing.T) {
-	for got, want := range map[string]string{
-		prefetch.ReasonPrefetched:     report.ReasonImagePrefetched,
-		prefetch.ReasonPrefetchFailed: report.ReasonImagePrefetchFailed,
-		prefetch.EventNormal:          corev1.EventTypeNormal,
-		prefetch.EventWarning:         corev1.EventTypeWarning,
-	} {
-		if got != want {
-			t.Errorf("prefetch says %q, the reporter %q", got, want)
-		}
 	}
 }

@@ -23,15 +23,15 @@ func BenchmarkLoopBuildState10k(b *testing.B) {
 		d := fmt.Sprintf("sha256:%064x", i)
 		repo := fmt.Sprintf("registry.example.com/team%d/app%d", i%50, i)
 		snap[i] = inventory.Image{Digest: d, ImageID: fmt.Sprintf("sha256:%063xf", i), Repos: []string{repo},
-			Tags: []string{repo + ":v1"}, Size: 1 << 20}
+			Tags: []string{repo + ":v1"}}
 		results[d] = verdict.Result{Digest: d, Verdict: verdict.Verified, Policy: "p", Fingerprint: "fp",
 			Signers: []string{"sha256:k"}, VerifiedAt: now, Source: verdict.SourceCache}
 	}
 	pinned := map[string]string{}
 	b.ReportAllocs()
 	for b.Loop() {
-		st, imgs := loop.BuildState(snap, results, pinned)
-		if len(imgs) != n || st.Images[verdict.Verified] != n {
+		st := loop.BuildState(snap, results, pinned)
+		if len(st.Images) != n || st.Images[n-1].Result.Verdict != verdict.Verified {
 			b.Fatal("wrong state")
 		}
 	}

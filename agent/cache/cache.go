@@ -8,7 +8,9 @@
 //   - a lock held by another process (a rolling update) is waited for up to a
 //     timeout, then the cache runs in memory only and reports Degraded;
 //   - failed writes (disk full, read-only file system) are logged and counted
-//     through the Observer; the verdict stays served from memory.
+//     through the Observer; the verdict stays served from memory;
+//   - a record that does not decode, is filed under another key or carries a
+//     verdict that is not one of the five is dropped on load, never served.
 package cache
 
 import (
@@ -298,6 +300,7 @@ func (c *Cache) openLocked(ctx context.Context) (*bolt.DB, error) {
 func (c *Cache) load(db *bolt.DB) error {
 	now := c.now()
 	var drop [][]byte
+	invalid := 0
 	loaded := map[key]entry{}
 	in := newInterner()
 	err := guard(func() error {
@@ -310,6 +313,12 @@ func (c *Cache) load(db *bolt.DB) error {
 				var rec record
 				if err := json.Unmarshal(v, &rec); err != nil || !rec.Expires.After(now) ||
 					string(k) != diskKey(rec.Result.Digest, rec.Result.Fingerprint) {
+					drop = append(drop, slices.Clone(k))
+					return nil
+				}
+				if !validVerdict(rec.Result.Verdict) {
+					// Not written by this cache: corrupt, never served.
+					invalid++
 					drop = append(drop, slices.Clone(k))
 					return nil
 				}
@@ -335,9 +344,15 @@ func (c *Cache) load(db *bolt.DB) error {
 	c.mu.Lock()
 	c.mem = loaded
 	c.mu.Unlock()
+	if invalid > 0 {
+		c.log.Warn("verdict cache held records with an unknown verdict; dropped as corrupt", "records", invalid)
+	}
 	c.log.Info("verdict cache loaded", "entries", len(loaded), "pruned", len(drop))
 	return nil
 }
+
+// validVerdict reports whether v is one of the five verdicts.
+func validVerdict(v verdict.Verdict) bool { return slices.Contains(verdict.All, v) }
 
 // interner makes the entries of a load share their repeated strings: at
 // 10,000 entries under one policy, the policy name, fingerprint, verdict and
@@ -437,9 +452,9 @@ func (c *Cache) Get(digest, fingerprint string) (verdict.Result, bool) {
 // Put stores r (keyed on r.Digest and r.Fingerprint) for ttl. Memory is
 // updated at once; the disk write happens in the background and its failure
 // is only counted and logged. Results without a digest or with a
-// non-positive ttl are ignored.
+// non-positive ttl or a verdict that is not one of the five are ignored.
 func (c *Cache) Put(r verdict.Result, ttl time.Duration) {
-	if r.Digest == "" || ttl <= 0 {
+	if r.Digest == "" || ttl <= 0 || !validVerdict(r.Verdict) {
 		return
 	}
 	r.Source = verdict.SourceCache

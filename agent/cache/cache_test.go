@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -786,5 +787,53 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 10s")
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// Issue 10: a record whose verdict is not one of the five verdicts (a
+// tampered or foreign file) is treated as corrupt: dropped, never served.
+func TestInvalidVerdictRecordDropped(t *testing.T) {
+	t.Parallel()
+	path := PathIn(t.TempDir())
+	c := mustOpen(t, path)
+	c.Put(result(1, "fp"), time.Hour)
+	c.Put(result(2, "fp"), time.Hour)
+	c.Put(result(3, "fp"), time.Hour)
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db := openRaw(t, path)
+	for i, v := range map[int]string{1: "VERIFIED", 2: ""} {
+		if err := db.Update(func(tx *boltTx) error {
+			b := tx.Bucket(bucketName)
+			k := []byte(diskKey(digest(i), "fp"))
+			var rec map[string]any
+			if err := json.Unmarshal(b.Get(k), &rec); err != nil {
+				return err
+			}
+			rec["result"].(map[string]any)["verdict"] = v
+			raw, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			return b.Put(k, raw)
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	c = mustOpen(t, path)
+	for _, i := range []int{1, 2} {
+		if r, ok := c.Get(digest(i), "fp"); ok {
+			t.Errorf("record with verdict %q served", r.Verdict)
+		}
+	}
+	if r, ok := c.Get(digest(3), "fp"); !ok || r.Verdict != verdict.Verified {
+		t.Errorf("valid record: %+v, %v", r, ok)
+	}
+	if c.Len() != 1 {
+		t.Errorf("Len = %d, want 1", c.Len())
 	}
 }

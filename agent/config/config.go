@@ -14,10 +14,13 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
 	"sigs.k8s.io/yaml"
+
+	"github.com/pinwarden/pinwarden/agent/anchor"
 )
 
 // Config is the whole configuration file.
@@ -139,13 +142,21 @@ func Default() *Config {
 	}
 }
 
-// Load reads, parses and validates the config file at path.
-func Load(path string) (*Config, error) {
+// Load reads, parses and validates the config file at path, including that
+// every file it names exists.
+func Load(path string) (*Config, error) { return load(path, true) }
+
+// LoadStatic is Load without looking at the files the config names (keys,
+// trustedRoot, dockerConfig, pins): the agent starts with a config whose
+// Secret is not mounted yet, and waits for the files.
+func LoadStatic(path string) (*Config, error) { return load(path, false) }
+
+func load(path string, files bool) (*Config, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("read config: %w", err)
 	}
-	c, err := Parse(b, filepath.Dir(path))
+	c, err := parse(b, filepath.Dir(path), files)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
@@ -155,7 +166,9 @@ func Load(path string) (*Config, error) {
 
 // Parse parses and validates config bytes. Relative paths inside the config
 // (keys, pins, trustedRoot, dockerConfig, stateDir) resolve against baseDir.
-func Parse(b []byte, baseDir string) (*Config, error) {
+func Parse(b []byte, baseDir string) (*Config, error) { return parse(b, baseDir, true) }
+
+func parse(b []byte, baseDir string, files bool) (*Config, error) {
 	c := Default()
 	if len(bytes.TrimSpace(b)) > 0 {
 		if err := yaml.UnmarshalStrict(b, c); err != nil {
@@ -163,10 +176,33 @@ func Parse(b []byte, baseDir string) (*Config, error) {
 		}
 	}
 	c.resolvePaths(baseDir)
-	if err := c.Validate(); err != nil {
+	if err := c.validate(files); err != nil {
 		return nil, err
 	}
 	return c, nil
+}
+
+// Files lists every file the config names: key files, the trusted root,
+// the docker config and the pin files (not the kubeconfig, read once at
+// start). These are what a reload re-reads.
+func (c *Config) Files() []string {
+	var out []string
+	add := func(p string) {
+		if p != "" && !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	add(c.TrustedRoot)
+	add(c.Registries.DockerConfig)
+	for _, p := range c.Policies {
+		for _, k := range p.Keys {
+			add(k)
+		}
+	}
+	for _, p := range c.Pins {
+		add(p)
+	}
+	return out
 }
 
 func (c *Config) resolvePaths(base string) {
@@ -189,8 +225,14 @@ func (c *Config) resolvePaths(base string) {
 	}
 }
 
-// Validate checks every field and returns all problems found, joined.
-func (c *Config) Validate() error {
+// Validate checks every field, and that the files the config names exist,
+// and returns all problems found, joined.
+func (c *Config) Validate() error { return c.validate(true) }
+
+// ValidateStatic is Validate without looking at the files the config names.
+func (c *Config) ValidateStatic() error { return c.validate(false) }
+
+func (c *Config) validate(files bool) error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
 		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
@@ -233,12 +275,12 @@ func (c *Config) Validate() error {
 	if _, _, err := ParseMaxUnavailable(c.Kubernetes.QuarantineMaxUnavailable); err != nil {
 		bad("kubernetes.quarantineMaxUnavailable", "%v", err)
 	}
-	if c.Registries.DockerConfig != "" {
+	if c.Registries.DockerConfig != "" && files {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {
 			bad("registries.dockerConfig", "%v", err)
 		}
 	}
-	if c.TrustedRoot != "" {
+	if c.TrustedRoot != "" && files {
 		if _, err := os.Stat(c.TrustedRoot); err != nil {
 			bad("trustedRoot", "%v", err)
 		}
@@ -264,7 +306,7 @@ func (c *Config) Validate() error {
 			bad(key+".images", "at least one glob is required")
 		}
 		for j, g := range p.Images {
-			if err := ValidateGlob(g); err != nil {
+			if _, err := NormalizeGlob(g); err != nil {
 				bad(fmt.Sprintf("%s.images[%d]", key, j), "%v", err)
 			}
 		}
@@ -281,7 +323,7 @@ func (c *Config) Validate() error {
 			bad(key, "needs keys or keyless identities (or deny/ignore)")
 		}
 		for j, k := range p.Keys {
-			if _, err := os.Stat(k); err != nil {
+			if _, err := os.Stat(k); files && err != nil {
 				bad(fmt.Sprintf("%s.keys[%d]", key, j), "%v", err)
 			}
 		}
@@ -296,7 +338,7 @@ func (c *Config) Validate() error {
 			case id.Subject != "" && id.SubjectRegExp != "":
 				bad(ik, "subject and subjectRegExp are exclusive")
 			case id.SubjectRegExp != "":
-				if _, err := regexp.Compile(Anchor(id.SubjectRegExp)); err != nil {
+				if _, _, err := anchor.Regexp(id.SubjectRegExp); err != nil {
 					bad(ik+".subjectRegExp", "%v", err)
 				}
 			}
@@ -310,6 +352,10 @@ func (c *Config) Validate() error {
 		}
 		if p.Tlog != nil && !*p.Tlog && len(p.Keyless) > 0 {
 			bad(key+".tlog", "keyless identities need a transparency-log proof; tlog: false is only allowed for keys")
+		}
+		if p.RequireTlog() && len(p.Keyless) == 0 && c.TrustedRoot == "" {
+			bad(key+".tlog", "tlog: true on keys %s needs trustedRoot to be set (it holds the transparency-log keys)",
+				strings.Join(p.Keys, ", "))
 		}
 	}
 	return errors.Join(errs...)
@@ -330,9 +376,6 @@ func (p Policy) RequireTlog() bool {
 	}
 	return len(p.Keyless) > 0
 }
-
-// Anchor wraps a regexp so that it must match the whole string.
-func Anchor(re string) string { return "^(?:" + re + ")$" }
 
 // ValidateGlob checks a repository glob: path segments of [a-z0-9._-:] with
 // '*' within a segment and '**' as a whole segment.
@@ -371,4 +414,50 @@ func FileHash(path string) (string, error) {
 	}
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:]), nil
+}
+
+// hostRE is ParseReference's registry host grammar (agent/policy): DNS
+// labels separated by dots, or a bracketed IPv6 literal, then an optional port.
+var hostRE = regexp.MustCompile(`^(?:(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$`)
+
+// NormalizeGlob validates a repository glob and normalizes it the way image
+// references are normalized, so that it can match the fully qualified
+// repositories pinwarden judges: no registry means Docker Hub ("nginx" and
+// "library/nginx" become "docker.io/library/nginx"), "index.docker.io" is
+// "docker.io", and a single path segment on Docker Hub gets "library/".
+// The first segment is a registry host when it is "localhost" or contains
+// '.' or ':', as for references. A glob whose first segment is a wildcard
+// without '.' or ':' ("*/nginx") is refused: as a reference it would be a
+// Docker Hub namespace, which is rarely what its author meant; the error
+// names both readings.
+func NormalizeGlob(g string) (string, error) {
+	if err := ValidateGlob(g); err != nil {
+		return "", err
+	}
+	segs := strings.Split(g, "/")
+	first := segs[0]
+	if first == "**" {
+		return g, nil // spans every registry already
+	}
+	host, path := "", segs
+	switch {
+	case len(segs) >= 2 && (first == "localhost" || strings.ContainsAny(first, ".:")):
+		host, path = first, segs[1:]
+	case len(segs) >= 2 && strings.Contains(first, "*"):
+		return "", fmt.Errorf("ambiguous glob %q: without '.' or ':' its first segment is a Docker Hub namespace, "+
+			"so it means %q; to match registry hosts write %q or a host pattern with a dot (\"*.example.com/...\")",
+			g, "docker.io/"+g, "**/"+strings.Join(segs[1:], "/"))
+	default:
+		host = "docker.io"
+	}
+	if host == "index.docker.io" {
+		host = "docker.io"
+	}
+	if !strings.Contains(host, "*") && !hostRE.MatchString(host) {
+		return "", fmt.Errorf("invalid glob %q: registry host %q", g, host)
+	}
+	if host == "docker.io" && len(path) == 1 && path[0] != "**" {
+		path = []string{"library", path[0]}
+	}
+	return host + "/" + strings.Join(path, "/"), nil
 }

@@ -9,31 +9,27 @@ import (
 	"github.com/pinwarden/pinwarden/cri"
 )
 
-func TestBackoff(t *testing.T) {
+// TestReconnectBackoff: reconnect waits start at the base, double up to
+// the cap, and carry up to 10% jitter (and some jitter).
+func TestReconnectBackoff(t *testing.T) {
 	t.Parallel()
 	inv := New(nil, nil, WithBackoff(200*time.Millisecond, 30*time.Second))
-	tests := []struct {
-		attempt  int
-		min, max time.Duration
-	}{
-		{0, 100 * time.Millisecond, 200 * time.Millisecond},
-		{1, 200 * time.Millisecond, 400 * time.Millisecond},
-		{5, 3200 * time.Millisecond, 6400 * time.Millisecond},
-		{8, 15 * time.Second, 30 * time.Second},
-		{1000, 15 * time.Second, 30 * time.Second},
-	}
-	for _, tt := range tests {
-		seen := map[time.Duration]bool{}
-		for range 200 {
-			d := inv.backoff(tt.attempt)
-			if d < tt.min || d > tt.max {
-				t.Fatalf("backoff(%d) = %v, want in [%v, %v]", tt.attempt, d, tt.min, tt.max)
+	want := []time.Duration{200 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond, 1600 * time.Millisecond,
+		3200 * time.Millisecond, 6400 * time.Millisecond, 12800 * time.Millisecond, 25600 * time.Millisecond,
+		30 * time.Second, 30 * time.Second, 30 * time.Second}
+	seen := map[time.Duration]bool{}
+	for range 50 {
+		b := inv.reconnectBackoff()
+		for i, w := range want {
+			d := b.Step()
+			if d < w || d > w+w/10 {
+				t.Fatalf("wait %d = %v, want in [%v, %v]", i, d, w, w+w/10)
 			}
 			seen[d] = true
 		}
-		if len(seen) < 10 {
-			t.Errorf("backoff(%d) has no jitter: %d distinct values", tt.attempt, len(seen))
-		}
+	}
+	if len(seen) < 100 {
+		t.Errorf("only %d distinct waits in 550: no jitter", len(seen))
 	}
 }
 

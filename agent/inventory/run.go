@@ -4,12 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"math"
 	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	"k8s.io/apimachinery/pkg/util/wait"
 
 	"github.com/pinwarden/pinwarden/cri"
 )
@@ -35,7 +36,7 @@ var containerRechecks = []time.Duration{20 * time.Millisecond, 250 * time.Millis
 // reconnects with capped exponential backoff and jitter, and relists fully
 // on reconnect so that nothing that happened meanwhile is missed.
 func (inv *Inventory) Run(ctx context.Context) error {
-	attempt := 0
+	attempt, backoff := 0, inv.reconnectBackoff()
 	for {
 		connected, err := inv.session(ctx)
 		if ctx.Err() != nil {
@@ -43,9 +44,9 @@ func (inv *Inventory) Run(ctx context.Context) error {
 		}
 		inv.setUp(false)
 		if connected {
-			attempt = 0
+			attempt, backoff = 0, inv.reconnectBackoff()
 		}
-		delay := inv.backoff(attempt)
+		delay := backoff.Step()
 		attempt++
 		inv.logger.WarnContext(ctx, "runtime connection lost", "error", err, "retry_in", delay, "attempt", attempt)
 		t := time.NewTimer(delay)
@@ -58,16 +59,11 @@ func (inv *Inventory) Run(ctx context.Context) error {
 	}
 }
 
-// backoff returns the delay before reconnect attempt n (0-based): base*2^n
-// capped, jittered into [d/2, d].
-func (inv *Inventory) backoff(n int) time.Duration {
-	d := inv.backoffBase
-	for i := 0; i < n && d < inv.backoffCap; i++ {
-		d *= 2
-	}
-	d = min(d, inv.backoffCap)
-	half := d / 2
-	return half + rand.N(d-half+1) //nolint:gosec // jitter needs no crypto
+// reconnectBackoff is the backoff between reconnect attempts: the base,
+// doubling up to the cap, each wait plus up to 10% jitter so that the agents
+// of a fleet do not reconnect in step.
+func (inv *Inventory) reconnectBackoff() wait.Backoff {
+	return wait.Backoff{Duration: inv.backoffBase, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: inv.backoffCap}
 }
 
 func (inv *Inventory) setUp(up bool) {

@@ -29,9 +29,10 @@ type Observer interface {
 	Verification(r verdict.Result, took time.Duration)
 }
 
-// Judge is safe for concurrent use. Policies can be swapped at any time.
+// Judge is safe for concurrent use. Policies and the verifier can be swapped
+// at any time.
 type Judge struct {
-	verifier    Verifier
+	verifier    atomic.Pointer[Verifier]
 	cache       Cache // may be nil: no caching
 	observer    Observer
 	verifiedTTL time.Duration
@@ -57,17 +58,22 @@ func WithClock(now func() time.Time) Option { return func(j *Judge) { j.now = no
 
 // New returns a Judge for the policies in set.
 func New(set *policy.Set, v Verifier, opts ...Option) *Judge {
-	j := &Judge{verifier: v, now: time.Now}
+	j := &Judge{now: time.Now}
 	for _, o := range opts {
 		o(j)
 	}
 	j.set.Store(set)
+	j.verifier.Store(&v)
 	return j
 }
 
 // SetPolicies swaps the policy set. Verdicts computed under the old
 // fingerprints are no longer served: cache keys include the fingerprint.
 func (j *Judge) SetPolicies(set *policy.Set) { j.set.Store(set) }
+
+// SetVerifier swaps the verifier (a reload with new registry credentials).
+// Judgements already under way finish with the old one.
+func (j *Judge) SetVerifier(v Verifier) { j.verifier.Store(&v) }
 
 // Policies returns the current policy set.
 func (j *Judge) Policies() *policy.Set { return j.set.Load() }
@@ -91,7 +97,7 @@ func (j *Judge) Judge(ctx context.Context, repo, digest string) verdict.Result {
 		}
 	}
 	start := j.now()
-	r := j.verifier.Verify(ctx, p, repo, digest)
+	r := (*j.verifier.Load()).Verify(ctx, p, repo, digest)
 	took := j.now().Sub(start)
 	r.Digest = digest
 	r.Policy = p.Name

@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -254,6 +255,7 @@ func TestJudgeVerifiesAndCaches(t *testing.T) {
 	}{
 		{"verified is cached", verdict.Result{Verdict: verdict.Verified, Signers: []string{"sha256:k1"}}, true},
 		{"unverified is cached", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature}, true},
+		{"unverified too-large is cached (issue 10: a hostile .sig is judged once)", verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonTooLarge}, true},
 		{"untrusted from verifier is cached", verdict.Result{Verdict: verdict.Untrusted, Reason: verdict.ReasonDenied}, true},
 		{"pending registry error is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryError}, false},
 		{"pending registry unreachable is not cached", verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryUnreachable}, false},
@@ -570,4 +572,38 @@ func TestJudgeConcurrentPolicySwap(t *testing.T) {
 		}
 	})
 	wg.Wait()
+}
+
+// TestJudgeSetVerifier: a reload with new registry credentials swaps the
+// verifier; the next uncached judgement uses the new one.
+func TestJudgeSetVerifier(t *testing.T) {
+	t.Parallel()
+	set := compile(t, writeKey(t, t.TempDir(), "ci.pub"))
+	old := &fakeVerifier{result: returns(verdict.Pending, verdict.ReasonRegistryError)}
+	cur := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(set, old)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending {
+		t.Fatalf("old verifier: %s", r.Verdict)
+	}
+	j.SetVerifier(cur)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Verified {
+		t.Fatalf("new verifier: %s", r.Verdict)
+	}
+	if old.Calls() != 1 || cur.Calls() != 1 {
+		t.Errorf("calls old %d new %d, want 1 and 1", old.Calls(), cur.Calls())
+	}
+}
+
+// TestJudgeUnavailablePolicies: while the config's files are missing every
+// digest is pending and the verifier is never asked.
+func TestJudgeUnavailablePolicies(t *testing.T) {
+	t.Parallel()
+	v := &fakeVerifier{result: returns(verdict.Verified, "")}
+	j := judge.New(policy.Unavailable(errors.New("key missing")), v)
+	if r := j.Judge(t.Context(), internal, digestA); r.Verdict != verdict.Pending || r.Digest != digestA {
+		t.Fatalf("got %+v", r)
+	}
+	if v.Calls() != 0 {
+		t.Error("verifier asked without policies")
+	}
 }

@@ -10,25 +10,21 @@ package loop
 import (
 	"context"
 	"log/slog"
-	"math/rand/v2"
+	"math"
 	"runtime/debug"
 	"slices"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/wait"
+
 	"github.com/pinwarden/pinwarden/agent/inventory"
-	"github.com/pinwarden/pinwarden/agent/metrics"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/pins"
 	"github.com/pinwarden/pinwarden/agent/queue"
-	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
-
-// ReasonPinMismatch is the reason of a drifted problem series.
-const ReasonPinMismatch = "pin-mismatch"
 
 // Inventory is what the loop needs to know about the node's images.
 type Inventory interface {
@@ -44,24 +40,25 @@ type Judger interface {
 	Judge(ctx context.Context, repo, digest string) verdict.Result
 }
 
-// Publisher receives the node's state after every change (metrics).
+// Publisher receives the node's state after every change (metrics). The
+// state is shared and must not be modified.
 type Publisher interface {
-	Publish(*metrics.State)
+	Publish(*nodestate.State)
 	QueueDepth(int)
 }
 
-// Reporter is told about the node's images after every change, e.g. to send
-// Kubernetes events on transitions. It must not block.
+// Reporter is told about the node's state after every change, e.g. to send
+// Kubernetes events on transitions. It must not block nor modify the state.
 type Reporter interface {
-	Report(images []status.Image)
+	Report(*nodestate.State)
 }
 
 // Options tune the loop. Zero values take the defaults shown.
 type Options struct {
 	Workers       int           // 4
 	QueueCapacity int           // 20000
-	RetryBase     time.Duration // 2s: first retry of a pending verdict
-	RetryMax      time.Duration // 5m
+	RetryBase     time.Duration // 2s: first retry of a pending verdict, doubling
+	RetryMax      time.Duration // 5m: the cap (each retry adds up to 10% jitter)
 	// VerifiedTTL and FailedTTL re-queue a digest when its verified or
 	// unverified verdict expires (the cache TTLs); zero: only the relist does.
 	VerifiedTTL time.Duration
@@ -85,14 +82,14 @@ type Options struct {
 
 // Loop is created with New and started with Run.
 type Loop struct {
-	inv    Inventory
-	judge  Judger
-	pub    Publisher
-	log    *slog.Logger
-	opts   Options
-	q      *queue.Queue
-	dirty  chan struct{}
-	images atomic.Pointer[[]status.Image]
+	inv   Inventory
+	judge Judger
+	pub   Publisher
+	log   *slog.Logger
+	opts  Options
+	q     *queue.Queue
+	dirty chan struct{}
+	state atomic.Pointer[nodestate.State]
 	// stale is set when the published state may differ from the current
 	// one (a verdict, the inventory or the pins changed); a wake-up of the
 	// publisher without it only refreshes the queue depth.
@@ -101,12 +98,12 @@ type Loop struct {
 	// Options.ReleaseAfter.
 	judged atomic.Int64
 
-	mu sync.Mutex // guards results, attempts and pins
+	mu sync.Mutex // guards results, retries and pins
 	// results is the current verdict of every digest judged so far.
 	results map[string]verdict.Result
-	// attempts counts consecutive pending verdicts per digest, for backoff.
-	attempts map[string]int
-	pins     []pins.Pin
+	// retries is the backoff of each digest whose verdict is pending.
+	retries map[string]*wait.Backoff
+	pins    []pins.Pin
 }
 
 // New returns a loop; nothing runs until Run.
@@ -134,13 +131,12 @@ func New(inv Inventory, j Judger, pub Publisher, logger *slog.Logger, opts Optio
 	}
 	l := &Loop{
 		inv: inv, judge: j, pub: pub, log: logger, opts: opts,
-		q:        queue.New(opts.QueueCapacity, opts.OnDropped),
-		dirty:    make(chan struct{}, 1),
-		results:  map[string]verdict.Result{},
-		attempts: map[string]int{},
+		q:       queue.New(opts.QueueCapacity, opts.OnDropped),
+		dirty:   make(chan struct{}, 1),
+		results: map[string]verdict.Result{},
+		retries: map[string]*wait.Backoff{},
 	}
-	empty := []status.Image{}
-	l.images.Store(&empty)
+	l.state.Store(&nodestate.State{})
 	return l
 }
 
@@ -186,7 +182,7 @@ func (l *Loop) Resync() {
 	for d := range l.results {
 		if !present[d] {
 			delete(l.results, d)
-			delete(l.attempts, d)
+			delete(l.retries, d)
 		}
 	}
 	l.mu.Unlock()
@@ -196,17 +192,15 @@ func (l *Loop) Resync() {
 	l.markStale()
 }
 
-// Rejudge queues every digest whose verdict was computed under a policy
-// fingerprint not in current (after a policy change), or all when current is nil.
-func (l *Loop) Rejudge(current map[string]bool) {
-	var again []string
+// Rejudge queues every digest judged so far (after a policy change) and
+// restarts the backoff of pending ones.
+func (l *Loop) Rejudge() {
 	l.mu.Lock()
-	for d, r := range l.results {
-		if current == nil || r.Fingerprint == "" || !current[r.Fingerprint] {
-			again = append(again, d)
-			delete(l.attempts, d)
-		}
+	again := make([]string, 0, len(l.results))
+	for d := range l.results {
+		again = append(again, d)
 	}
+	clear(l.retries)
 	l.mu.Unlock()
 	l.Changed(again...)
 }
@@ -219,9 +213,9 @@ func (l *Loop) SetPins(p []pins.Pin) {
 	l.markStale()
 }
 
-// Images returns the last published image list (status.Source). The slice is
-// shared: callers must not modify it.
-func (l *Loop) Images() []status.Image { return *l.images.Load() }
+// State returns the last published node state (the status API's source).
+// It is shared: callers must not modify it.
+func (l *Loop) State() *nodestate.State { return l.state.Load() }
 
 // markStale notes that the published state is out of date and wakes the
 // publisher.
@@ -257,12 +251,12 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 	if !ok {
 		l.mu.Lock()
 		delete(l.results, d)
-		delete(l.attempts, d)
+		delete(l.retries, d)
 		l.mu.Unlock()
 		l.markStale()
 		return
 	}
-	repos := Repos(img)
+	repos := img.Repos
 	var worst verdict.Result
 	if len(repos) == 0 {
 		worst = verdict.Result{Digest: d, Verdict: verdict.Untrusted, Reason: verdict.ReasonNoPolicy, VerifiedAt: time.Now(),
@@ -270,7 +264,7 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 	}
 	for i, repo := range repos {
 		r := l.judge.Judge(ctx, repo, d)
-		if i == 0 || Severity(r.Verdict) > Severity(worst.Verdict) {
+		if i == 0 || verdict.Severity(r.Verdict) > verdict.Severity(worst.Verdict) {
 			worst = r
 		}
 	}
@@ -282,11 +276,14 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 	l.results[d] = worst
 	var retry time.Duration
 	if worst.Verdict == verdict.Pending {
-		n := l.attempts[d]
-		l.attempts[d] = n + 1
-		retry = Backoff(l.opts.RetryBase, l.opts.RetryMax, n)
+		b := l.retries[d]
+		if b == nil {
+			b = &wait.Backoff{Duration: l.opts.RetryBase, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: l.opts.RetryMax}
+			l.retries[d] = b
+		}
+		retry = b.Step()
 	} else {
-		delete(l.attempts, d)
+		delete(l.retries, d)
 		retry = l.untilExpiry(worst)
 	}
 	l.mu.Unlock()
@@ -313,7 +310,7 @@ func (l *Loop) judgeDigest(ctx context.Context, d string) {
 }
 
 // samePublished reports whether a and b show the same in the published
-// state (BuildState reads exactly these fields).
+// state (the fields that metrics, status and report read).
 func samePublished(a, b verdict.Result) bool {
 	return a.Verdict == b.Verdict && a.Reason == b.Reason && a.Source == b.Source && a.Policy == b.Policy &&
 		a.VerifiedAt.Equal(b.VerifiedAt) && slices.Equal(a.Signers, b.Signers)
@@ -333,54 +330,6 @@ func (l *Loop) untilExpiry(r verdict.Result) time.Duration {
 		return 0
 	}
 	return max(time.Until(r.VerifiedAt.Add(ttl)), 0) + time.Second
-}
-
-// Severity orders verdicts from best (ignored) to worst (untrusted).
-func Severity(v verdict.Verdict) int {
-	switch v {
-	case verdict.Ignored:
-		return 0
-	case verdict.Verified:
-		return 1
-	case verdict.Pending:
-		return 2
-	case verdict.Unverified:
-		return 3
-	case verdict.Untrusted:
-		return 4
-	}
-	return 2
-}
-
-// Backoff is base*2^attempt capped at max, with ±10% jitter.
-func Backoff(base, max time.Duration, attempt int) time.Duration {
-	d := base
-	for i := 0; i < attempt && d < max; i++ {
-		d *= 2
-	}
-	d = min(d, max)
-	jitter := time.Duration(rand.Int64N(int64(d)/5+1)) - d/10
-	return d + jitter
-}
-
-// Repos returns the repositories an image is known by: those of its repo
-// digests and its tags, deduplicated and sorted.
-func Repos(img inventory.Image) []string {
-	out := make([]string, 0, len(img.Repos)+len(img.Tags))
-	out = append(out, img.Repos...)
-	for _, t := range img.Tags {
-		out = append(out, RepoOfTag(t))
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
-}
-
-// RepoOfTag strips the tag from "repo:tag" (a port in the host is kept).
-func RepoOfTag(t string) string {
-	if i := strings.LastIndexByte(t, ':'); i > strings.LastIndexByte(t, '/') {
-		return t[:i]
-	}
-	return t
 }
 
 // publishLoop publishes after every wake-up. While digests wait in the
@@ -446,98 +395,13 @@ func (l *Loop) publish() {
 	}
 	l.mu.Unlock()
 
-	st, imgs := BuildState(snap, results, pinned)
-	l.images.Store(&imgs)
+	st := BuildState(snap, results, pinned)
+	l.state.Store(st)
 	if l.pub != nil {
 		l.pub.Publish(st)
 		l.pub.QueueDepth(l.q.Len())
 	}
 	if l.opts.Reporter != nil {
-		l.opts.Reporter.Report(imgs)
+		l.opts.Reporter.Report(st)
 	}
-}
-
-// BuildState derives the metrics state and the status list from the node's
-// images, their verdicts (missing: pending/queued) and the tag pins.
-func BuildState(snap []inventory.Image, results map[string]verdict.Result, pinned map[string]string) (*metrics.State, []status.Image) {
-	st := &metrics.State{Images: map[verdict.Verdict]int{}, Running: map[verdict.Verdict]int{}}
-	imgs := make([]status.Image, 0, len(snap))
-	// One allocation for every VerifiedAt instead of one per image.
-	ats := make([]time.Time, 0, len(snap))
-	for _, img := range snap {
-		r, ok := results[img.Digest]
-		if !ok {
-			r = verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonQueued}
-		}
-		running := len(img.Containers)
-		st.Images[r.Verdict]++
-		st.Running[r.Verdict] += running
-		name := primaryName(img)
-
-		si := status.Image{
-			Image: name, Tags: nonNil(img.Tags), Digest: img.Digest, ImageID: img.ImageID,
-			Verdict: r.Verdict, Reason: r.Reason, RunningContainers: running, Pods: pods(img),
-			Signers: nonNil(r.Signers), Source: r.Source, Policy: r.Policy,
-		}
-		if !r.VerifiedAt.IsZero() {
-			ats = append(ats, r.VerifiedAt)
-			si.VerifiedAt = &ats[len(ats)-1]
-		}
-		switch r.Verdict {
-		case verdict.Unverified, verdict.Untrusted, verdict.Pending:
-			st.Problems = append(st.Problems, metrics.Problem{Image: name, Digest: img.Digest,
-				Problem: string(r.Verdict), Reason: r.Reason, Running: running > 0})
-		}
-		for _, tag := range img.Tags {
-			pin, isPinned := pinned[tag]
-			if isPinned || running > 0 {
-				st.Tags = append(st.Tags, metrics.TagDigest{Image: tag, Digest: img.Digest})
-			}
-			if isPinned {
-				si.PinnedDigest = pin
-			}
-			if isPinned && pin != img.Digest {
-				si.Drifted = true
-				st.Drifted++
-				st.Problems = append(st.Problems, metrics.Problem{Image: tag, Digest: img.Digest,
-					Problem: metrics.ProblemDrifted, Reason: ReasonPinMismatch, Running: running > 0})
-			}
-		}
-		imgs = append(imgs, si)
-	}
-	return st, imgs
-}
-
-func primaryName(img inventory.Image) string {
-	if len(img.Tags) > 0 {
-		return img.Tags[0]
-	}
-	if len(img.Repos) > 0 {
-		return img.Repos[0]
-	}
-	return img.ImageID
-}
-
-func pods(img inventory.Image) []string {
-	seen := map[string]bool{}
-	out := []string{}
-	for _, c := range img.Containers {
-		if c.PodName == "" {
-			continue
-		}
-		p := c.PodNamespace + "/" + c.PodName
-		if !seen[p] {
-			seen[p] = true
-			out = append(out, p)
-		}
-	}
-	sort.Strings(out)
-	return out
-}
-
-func nonNil(s []string) []string {
-	if s == nil {
-		return []string{}
-	}
-	return s
 }

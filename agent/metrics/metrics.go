@@ -4,14 +4,17 @@
 //
 // Event-style metrics (counters, histograms) are updated by the components as
 // things happen. State-style metrics (images by verdict, problems, tag
-// digests, running containers) are computed at scrape time from the last
-// published State, so an idle agent spends no CPU on them.
+// digests, running containers) are computed from the last published node
+// state at the first scrape that follows it, so an idle agent spends no CPU
+// on them.
 package metrics
 
 import (
+	"cmp"
+	"math"
 	"runtime"
 	"slices"
-	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,42 +22,72 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
 const namespace = "pinwarden"
 
-// Problem kinds, the values of the `problem` label.
+// Problem kinds, the values of the `problem` label: the problem verdicts,
+// and drifted.
 const (
-	ProblemUnverified = "unverified"
-	ProblemUntrusted  = "untrusted"
+	ProblemUnverified = string(verdict.Unverified)
+	ProblemUntrusted  = string(verdict.Untrusted)
+	ProblemPending    = string(verdict.Pending)
 	ProblemDrifted    = "drifted"
-	ProblemPending    = "pending"
 )
 
-// Problem is one series of pinwarden_image_problems.
-type Problem struct {
-	Image   string // repo:tag or repo
-	Digest  string
-	Problem string // one of the Problem* constants
-	Reason  string
-	Running bool
+// problem is one series of pinwarden_image_problems.
+type problem struct {
+	image   string // repo:tag or repo
+	digest  string
+	problem string // one of the Problem* constants
+	reason  string
+	running bool
 }
 
-// TagDigest is one series of pinwarden_tag_digest.
-type TagDigest struct {
-	Image  string // repo:tag
-	Digest string
+// tagDigest is one series of pinwarden_tag_digest.
+type tagDigest struct {
+	image  string // repo:tag
+	digest string
 }
 
-// State is the node's judged state, published whole by the agent loop.
-// A published State must not be modified afterwards.
-type State struct {
-	Images   map[verdict.Verdict]int
-	Running  map[verdict.Verdict]int
-	Drifted  int
-	Problems []Problem
-	Tags     []TagDigest
+// view is the metrics' view of a node state.
+type view struct {
+	images   map[verdict.Verdict]int
+	running  map[verdict.Verdict]int
+	drifted  int // drifted pinned tags
+	problems []problem
+	tags     []tagDigest // pinned tags and tags of running images
+}
+
+// viewOf derives the state-style metrics from a node state: one verdict
+// problem per problem image, one drift problem per drifted pinned tag.
+func viewOf(s *nodestate.State) *view {
+	v := &view{images: map[verdict.Verdict]int{}, running: map[verdict.Verdict]int{}}
+	for i := range s.Images {
+		im := &s.Images[i]
+		running := im.Running > 0
+		v.images[im.Result.Verdict]++
+		v.running[im.Result.Verdict] += im.Running
+		if im.Problem() {
+			v.problems = append(v.problems, problem{image: im.Name, digest: im.Digest,
+				problem: string(im.Result.Verdict), reason: im.Result.Reason, running: running})
+		}
+		for _, tag := range im.Tags {
+			if running || im.Pinned(tag) {
+				v.tags = append(v.tags, tagDigest{image: tag, digest: im.Digest})
+			}
+		}
+		for _, p := range im.Pins {
+			if p.Drifted(im.Digest) {
+				v.drifted++
+				v.problems = append(v.problems, problem{image: p.Tag, digest: im.Digest,
+					problem: ProblemDrifted, reason: verdict.ReasonPinMismatch, running: running})
+			}
+		}
+	}
+	return v
 }
 
 // knownTopics bounds the topic label of pinwarden_runtime_events_total.
@@ -157,36 +190,37 @@ func New(version string, maxProblemSeries int) *Metrics {
 		m.prefetch, m.prefetchDuration, m.prefetchPending, m.reloads, m.lastReloadOK, m.cacheWriteErrors, m.cacheCorrupt,
 		m.queueDropped, m.queueDepth, m.quarantineHeld, buildInfo, stateCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	m.state.Store(&published{State: &State{}})
+	m.Publish(&nodestate.State{})
 	return m
 }
 
-// published is a published State with its problem series capped once, at
-// the first scrape that needs them: sorting 10,000 pending problems on every
-// scrape costs more than the scrape.
+// published is a published node state whose metrics view is derived, and
+// its problem series capped, once, at the first scrape that needs them:
+// sorting 10,000 pending problems on every scrape costs more than the scrape.
 type published struct {
-	*State
-	once     sync.Once
-	problems []Problem // at most maxSeries
-	dropped  int
+	state   *nodestate.State
+	once    sync.Once
+	view    *view // problems capped at maxSeries
+	dropped int
 }
 
-func (p *published) capped(maxSeries int) ([]Problem, int) {
+func (p *published) get(maxSeries int) (*view, int) {
 	p.once.Do(func() {
-		p.problems = p.State.Problems
-		if len(p.problems) > maxSeries {
-			p.problems = capProblems(p.problems, maxSeries)
-			p.dropped = len(p.State.Problems) - maxSeries
+		p.view = viewOf(p.state)
+		if n := len(p.view.problems); n > maxSeries {
+			p.view.problems = capProblems(p.view.problems, maxSeries)
+			p.dropped = n - maxSeries
 		}
 	})
-	return p.problems, p.dropped
+	return p.view, p.dropped
 }
 
 // Registry is the registry to serve on /metrics.
 func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 
-// Publish replaces the state that the state-style metrics are computed from.
-func (m *Metrics) Publish(s *State) { m.state.Store(&published{State: s}) }
+// Publish replaces the node state that the state-style metrics are computed
+// from. The state must not be modified afterwards.
+func (m *Metrics) Publish(s *nodestate.State) { m.state.Store(&published{state: s}) }
 
 // RuntimeUp records whether the runtime is connected.
 func (m *Metrics) RuntimeUp(up bool) { m.runtimeUp.Set(b2f(up)) }
@@ -281,59 +315,56 @@ func (c stateCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c stateCollector) Collect(ch chan<- prometheus.Metric) {
 	m := c.m
-	s := m.state.Load()
-	for _, v := range verdict.All {
-		ch <- prometheus.MustNewConstMetric(m.imagesDesc, prometheus.GaugeValue, float64(s.Images[v]), string(v))
-		ch <- prometheus.MustNewConstMetric(m.runningDesc, prometheus.GaugeValue, float64(s.Running[v]), string(v))
+	v, dropped := m.state.Load().get(m.maxSeries)
+	for _, vd := range verdict.All {
+		ch <- prometheus.MustNewConstMetric(m.imagesDesc, prometheus.GaugeValue, float64(v.images[vd]), string(vd))
+		ch <- prometheus.MustNewConstMetric(m.runningDesc, prometheus.GaugeValue, float64(v.running[vd]), string(vd))
 	}
-	ch <- prometheus.MustNewConstMetric(m.driftedDesc, prometheus.GaugeValue, float64(s.Drifted))
+	ch <- prometheus.MustNewConstMetric(m.driftedDesc, prometheus.GaugeValue, float64(v.drifted))
 
-	problems, dropped := s.capped(m.maxSeries)
-	for _, p := range problems {
+	for _, p := range v.problems {
 		ch <- prometheus.MustNewConstMetric(m.problemsDesc, prometheus.GaugeValue, 1,
-			p.Image, p.Digest, p.Problem, p.Reason, boolLabel(p.Running))
+			p.image, p.digest, p.problem, p.reason, boolLabel(p.running))
 	}
 	ch <- prometheus.MustNewConstMetric(m.droppedDesc, prometheus.GaugeValue, float64(dropped))
 
-	tags := s.Tags
+	tags := v.tags
 	if len(tags) > m.maxSeries {
 		tags = tags[:m.maxSeries]
 	}
 	for _, t := range tags {
-		ch <- prometheus.MustNewConstMetric(m.tagDesc, prometheus.GaugeValue, 1, t.Image, t.Digest)
+		ch <- prometheus.MustNewConstMetric(m.tagDesc, prometheus.GaugeValue, 1, t.image, t.digest)
 	}
 }
 
 // capProblems keeps the n most important problems: running before not
-// running, then drifted/untrusted/unverified before pending, then by image.
-func capProblems(ps []Problem, n int) []Problem {
-	out := make([]Problem, len(ps))
-	copy(out, ps)
-	sort.SliceStable(out, func(i, j int) bool {
-		if out[i].Running != out[j].Running {
-			return out[i].Running
-		}
-		if ri, rj := problemRank(out[i].Problem), problemRank(out[j].Problem); ri != rj {
-			return ri < rj
-		}
-		return out[i].Image < out[j].Image
+// running, then drifted before the verdict problems, worst verdict first
+// (untrusted, unverified, pending), then by image.
+func capProblems(ps []problem, n int) []problem {
+	out := slices.Clone(ps)
+	slices.SortStableFunc(out, func(a, b problem) int {
+		return cmp.Or(
+			-cmp.Compare(boolInt(a.running), boolInt(b.running)),
+			-cmp.Compare(problemSeverity(a.problem), problemSeverity(b.problem)),
+			strings.Compare(a.image, b.image))
 	})
 	return slices.Clone(out[:n]) // not the whole sorted copy
 }
 
-// problemRank orders problem kinds, most important first.
-func problemRank(p string) int {
-	switch p {
-	case ProblemDrifted:
-		return 0
-	case ProblemUntrusted:
-		return 1
-	case ProblemUnverified:
-		return 2
-	case ProblemPending:
-		return 3
+// problemSeverity ranks a problem kind: drifted above every verdict, the
+// verdicts by verdict.Severity.
+func problemSeverity(p string) int {
+	if p == ProblemDrifted {
+		return math.MaxInt
 	}
-	return 0 // as the map lookup it replaces did for an unknown kind
+	return verdict.Severity(verdict.Verdict(p))
+}
+
+func boolInt(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func boolLabel(b bool) string {

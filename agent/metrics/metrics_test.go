@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/prometheus/common/expfmt"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
@@ -34,11 +36,16 @@ func exposition(t *testing.T, m *Metrics) string {
 func TestProblemSeriesAreCapped(t *testing.T) {
 	t.Parallel()
 	m := New("test", 500)
-	s := &State{Images: map[verdict.Verdict]int{verdict.Unverified: 600}}
+	s := &nodestate.State{}
 	for i := range 600 {
-		s.Problems = append(s.Problems, Problem{Image: fmt.Sprintf("r.example/img%03d:v1", i),
-			Digest: fmt.Sprintf("sha256:%064d", i), Problem: ProblemUnverified, Reason: verdict.ReasonNoSignature, Running: i == 599})
-		s.Tags = append(s.Tags, TagDigest{Image: fmt.Sprintf("r.example/img%03d:v1", i), Digest: fmt.Sprintf("sha256:%064d", i)})
+		tag := fmt.Sprintf("r.example/img%03d:v1", i)
+		im := nodestate.Image{Name: tag, Tags: []string{tag}, Digest: fmt.Sprintf("sha256:%064d", i),
+			Result: verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature},
+			Pins:   []nodestate.TagPin{{Tag: tag, Digest: fmt.Sprintf("sha256:%064d", i)}}}
+		if i == 599 {
+			im.Running = 1
+		}
+		s.Images = append(s.Images, im)
 	}
 	m.Publish(s)
 	if n := testutil.CollectAndCount(stateCollector{m}, "pinwarden_image_problems"); n != 500 {
@@ -98,12 +105,14 @@ func TestPromtoolCheckMetrics(t *testing.T) {
 		t.Skip("promtool not installed")
 	}
 	m := New("test", 5)
-	m.Publish(&State{
-		Images:   map[verdict.Verdict]int{verdict.Verified: 2, verdict.Unverified: 1},
-		Running:  map[verdict.Verdict]int{verdict.Verified: 1},
-		Problems: []Problem{{Image: "r.example/a:v1", Digest: "sha256:" + strings.Repeat("a", 64), Problem: ProblemDrifted, Reason: "pinned sha256:" + strings.Repeat("b", 12)}},
-		Tags:     []TagDigest{{Image: "r.example/a:v1", Digest: "sha256:" + strings.Repeat("a", 64)}},
-	})
+	m.Publish(&nodestate.State{Images: []nodestate.Image{
+		{Name: "r.example/a:v1", Tags: []string{"r.example/a:v1"}, Digest: "sha256:" + strings.Repeat("a", 64),
+			Result: verdict.Result{Verdict: verdict.Verified}, Running: 1,
+			Pins: []nodestate.TagPin{{Tag: "r.example/a:v1", Digest: "sha256:" + strings.Repeat("b", 64)}}},
+		{Name: "r.example/b", Digest: "sha256:" + strings.Repeat("c", 64), Result: verdict.Result{Verdict: verdict.Verified}},
+		{Name: "r.example/c", Digest: "sha256:" + strings.Repeat("d", 64),
+			Result: verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature}},
+	}})
 	cmd := exec.Command(promtool, "check", "metrics")
 	cmd.Stdin = strings.NewReader(exposition(t, m))
 	out, err := cmd.CombinedOutput()
@@ -124,4 +133,80 @@ func grep(s, sub string) string {
 		}
 	}
 	return strings.Join(keep, "\n")
+}
+
+// TestViewOfNodeState: the state-style metrics derived from a node state:
+// one verdict problem per problem image, one drift problem per drifted
+// pinned tag, a tag series for every pinned tag and every tag of a running
+// image.
+func TestViewOfNodeState(t *testing.T) {
+	t.Parallel()
+	dg := func(i int) string { return fmt.Sprintf("sha256:%064d", i) }
+	res := func(v verdict.Verdict, reason string) verdict.Result {
+		return verdict.Result{Verdict: v, Reason: reason}
+	}
+	tests := []struct {
+		name         string
+		img          nodestate.Image
+		wantProblems []problem
+		wantTags     []tagDigest
+		wantDrifted  int
+	}{
+		{name: "verified, not running, not pinned: nothing",
+			img: nodestate.Image{Name: "r.io/a:v1", Tags: []string{"r.io/a:v1"}, Digest: dg(1), Result: res(verdict.Verified, "")}},
+		{name: "pending",
+			img:          nodestate.Image{Name: "r.io/b", Digest: dg(2), Result: res(verdict.Pending, verdict.ReasonQueued)},
+			wantProblems: []problem{{image: "r.io/b", digest: dg(2), problem: ProblemPending, reason: verdict.ReasonQueued}}},
+		{name: "untrusted and running: every tag has a series",
+			img: nodestate.Image{Name: "r.io/c:v1", Tags: []string{"r.io/c:v1", "r.io/c:latest"}, Digest: dg(3),
+				Result: res(verdict.Untrusted, verdict.ReasonNoPolicy), Running: 4},
+			wantProblems: []problem{{image: "r.io/c:v1", digest: dg(3), problem: ProblemUntrusted, reason: verdict.ReasonNoPolicy, running: true}},
+			wantTags:     []tagDigest{{"r.io/c:v1", dg(3)}, {"r.io/c:latest", dg(3)}}},
+		{name: "a drifted pinned tag beside an unpinned one",
+			img: nodestate.Image{Name: "r.io/d:v1", Tags: []string{"r.io/d:v1", "r.io/d:v2"}, Digest: dg(4),
+				Result: res(verdict.Verified, ""), Pins: []nodestate.TagPin{{Tag: "r.io/d:v2", Digest: dg(44)}}},
+			wantProblems: []problem{{image: "r.io/d:v2", digest: dg(4), problem: ProblemDrifted, reason: verdict.ReasonPinMismatch}},
+			wantTags:     []tagDigest{{"r.io/d:v2", dg(4)}},
+			wantDrifted:  1},
+		{name: "pinned and matching: a tag series, no problem",
+			img: nodestate.Image{Name: "r.io/e:v1", Tags: []string{"r.io/e:v1"}, Digest: dg(5),
+				Result: res(verdict.Ignored, ""), Pins: []nodestate.TagPin{{Tag: "r.io/e:v1", Digest: dg(5)}}},
+			wantTags: []tagDigest{{"r.io/e:v1", dg(5)}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			v := viewOf(&nodestate.State{Images: []nodestate.Image{tt.img}})
+			if !slices.Equal(v.problems, tt.wantProblems) {
+				t.Errorf("problems = %+v, want %+v", v.problems, tt.wantProblems)
+			}
+			if !slices.Equal(v.tags, tt.wantTags) {
+				t.Errorf("tags = %+v, want %+v", v.tags, tt.wantTags)
+			}
+			if v.drifted != tt.wantDrifted || v.images[tt.img.Result.Verdict] != 1 || v.running[tt.img.Result.Verdict] != tt.img.Running {
+				t.Errorf("drifted %d images %v running %v", v.drifted, v.images, v.running)
+			}
+		})
+	}
+}
+
+// TestCapProblemsOrder: the cap keeps running problems first, then drifted,
+// then the worst verdict (verdict.Severity), then by image.
+func TestCapProblemsOrder(t *testing.T) {
+	t.Parallel()
+	in := []problem{
+		{image: "p", problem: ProblemPending},
+		{image: "u", problem: ProblemUnverified},
+		{image: "b", problem: ProblemUntrusted},
+		{image: "a", problem: ProblemUntrusted},
+		{image: "d", problem: ProblemDrifted},
+		{image: "z", problem: ProblemPending, running: true},
+	}
+	var got []string
+	for _, p := range capProblems(in, len(in)) {
+		got = append(got, p.image)
+	}
+	if want := []string{"z", "d", "a", "b", "u", "p"}; !slices.Equal(got, want) {
+		t.Errorf("order = %v, want %v", got, want)
+	}
 }

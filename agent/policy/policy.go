@@ -20,6 +20,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/anchor"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/sigstore/sigstore-go/pkg/root"
@@ -29,7 +30,11 @@ import (
 
 // fingerprintVersion changes whenever the meaning of a policy changes in
 // code, so that verdicts cached by an older pinwarden are not trusted.
-const fingerprintVersion = "pinwarden-policy-v1"
+//
+// v2: globs are normalized like references and identity regexps are
+// anchored on their parsed form (issue 10); a v1 verdict may have been
+// computed under a regexp that matched anyone.
+const fingerprintVersion = "pinwarden-policy-v2"
 
 // Size caps for files read at compile time.
 const (
@@ -51,7 +56,8 @@ type Key struct {
 type Identity struct {
 	Issuer  string
 	Subject string
-	// SubjectRegExp is already anchored (^(?:...)$); empty when Subject is set.
+	// SubjectRegExp is the configured regexp anchored on its parsed form
+	// (anchor.Regexp); empty when Subject is set.
 	SubjectRegExp string
 	re            *regexp.Regexp
 }
@@ -103,6 +109,30 @@ type Set struct {
 	// (reload) starts empty.
 	matches  sync.Map
 	memoSize atomic.Int64
+
+	// unavailable, when set, is why there are no usable policies yet (the
+	// files a config names are missing or broken): every repository is
+	// pending, never verified and never untrusted.
+	unavailable error
+}
+
+// Unavailable returns a Set that decides every repository pending, with
+// cause in the detail. The agent runs with it while the keys, trusted root,
+// docker config or pin files that its config names cannot be loaded, and
+// swaps it for a compiled Set as soon as they can.
+func Unavailable(cause error) *Set {
+	if cause == nil {
+		cause = errors.New("no policies loaded")
+	}
+	return &Set{unavailable: cause}
+}
+
+// Err returns why the Set is Unavailable, nil for a compiled Set.
+func (s *Set) Err() error {
+	if s == nil {
+		return nil
+	}
+	return s.unavailable
 }
 
 // maxMemo bounds the repositories whose match a Set remembers.
@@ -175,11 +205,13 @@ func compileOne(cp config.Policy, tr *root.TrustedRoot, rootHash string) (*Polic
 		Threshold:   cp.EffectiveThreshold(),
 		RequireTlog: cp.RequireTlog(),
 	}
-	for _, g := range cp.Images {
-		if err := config.ValidateGlob(g); err != nil {
+	for i, g := range cp.Images {
+		n, err := config.NormalizeGlob(g)
+		if err != nil {
 			return nil, err
 		}
-		p.globs = append(p.globs, strings.Split(g, "/"))
+		p.Images[i] = n
+		p.globs = append(p.globs, strings.Split(n, "/"))
 	}
 	fp := fingerprintInput{
 		Version: fingerprintVersion, Name: p.Name, Images: p.Images, Deny: p.Deny, Ignore: p.Ignore,
@@ -245,12 +277,11 @@ func compileIdentity(kl config.Keyless) (Identity, error) {
 	case kl.Subject != "" && kl.SubjectRegExp != "":
 		return Identity{}, errors.New("subject and subjectRegExp are exclusive")
 	case kl.SubjectRegExp != "":
-		id.SubjectRegExp = config.Anchor(kl.SubjectRegExp)
-		re, err := regexp.Compile(id.SubjectRegExp)
+		s, re, err := anchor.Regexp(kl.SubjectRegExp)
 		if err != nil {
 			return Identity{}, fmt.Errorf("subjectRegExp: %w", err)
 		}
-		id.re = re
+		id.SubjectRegExp, id.re = s, re
 	}
 	return id, nil
 }
@@ -372,8 +403,13 @@ func matchSegments(glob, segs []string) bool {
 
 // Decide returns the static outcome for repo: untrusted/no-policy when no
 // policy matches, untrusted/denied for a deny policy, ignored for an ignore
-// policy. Otherwise it returns the policy to verify with and a nil Result.
+// policy, and pending/queued for every repository of an Unavailable set.
+// Otherwise it returns the policy to verify with and a nil Result.
 func (s *Set) Decide(repo string) (*Policy, *verdict.Result) {
+	if err := s.Err(); err != nil {
+		return nil, &verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonQueued, VerifiedAt: time.Now(),
+			Detail: "no usable policy yet: " + err.Error()}
+	}
 	p := s.Match(repo)
 	if p != nil && !p.Deny && !p.Ignore {
 		return p, nil

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -195,11 +196,13 @@ func TestCompileTrust(t *testing.T) {
 	if _, err := compileYAML(t, "trustedRoot: "+bad+"\npolicies: []\n"); err == nil || !strings.Contains(err.Error(), "trustedRoot") {
 		t.Errorf("bad trusted root: %v", err)
 	}
-	if _, err := compileYAML(t, "policies:\n- name: p\n  images: [\"**\"]\n  keys: ["+k+"]\n  tlog: true\n"); err == nil || !strings.Contains(err.Error(), "trustedRoot") {
+	// Compile also guards configs that skipped Validate.
+	tlog := true
+	cfg := config.Default()
+	cfg.Policies = []config.Policy{{Name: "p", Images: []string{"**"}, Keys: []string{k}, Tlog: &tlog}}
+	if _, err := Compile(cfg); err == nil || !strings.Contains(err.Error(), "trustedRoot") {
 		t.Errorf("tlog without trusted root: %v", err)
 	}
-	// Compile also guards configs that skipped Validate.
-	cfg := config.Default()
 	cfg.Policies = []config.Policy{{Name: "kl", Images: []string{"**"}, Keyless: []config.Keyless{{Issuer: "https://i"}}}}
 	if _, err := Compile(cfg); err == nil || !strings.Contains(err.Error(), "subject") {
 		t.Errorf("keyless without subject compiled: %v", err)
@@ -303,5 +306,149 @@ func TestMatchMemoIsBounded(t *testing.T) {
 	}
 	if n := set.memoSize.Load(); n != maxMemo {
 		t.Fatalf("memo holds %d repositories, want the bound %d", n, maxMemo)
+	}
+}
+
+// Issue 10 hole 5: an identity regexp that only parses once wrapped in
+// "^(?:" ... ")$" used to compile to an alternation that matched anyone.
+func TestSubjectRegExpAnchoredOnItsParsedForm(t *testing.T) {
+	t.Parallel()
+	root := filepath.Join(t.TempDir(), "root.json")
+	if err := os.WriteFile(root, []byte(`{"mediaType":"application/vnd.dev.sigstore.trustedroot+json;version=0.1"}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const issuer = "https://issuer.example"
+	policyFor := func(re string) *config.Config {
+		cfg := config.Default()
+		cfg.TrustedRoot = root
+		cfg.Policies = []config.Policy{{Name: "kl", Images: []string{"**"},
+			Keyless: []config.Keyless{{Issuer: issuer, SubjectRegExp: re}}}}
+		return cfg
+	}
+	for _, re := range []string{`ci@example\.com)|(.*`, `a)(b`, `)`, `x)|(?:y`} {
+		// Compile guards configs that skipped Validate.
+		if set, err := Compile(policyFor(re)); err == nil {
+			id := set.Policies[0].Identities[0]
+			t.Errorf("%q compiled to %q; mallory matches: %v", re, id.SubjectRegExp,
+				id.Matches(issuer, "mallory@attacker.example"))
+		}
+	}
+	tests := []struct {
+		re      string
+		subject string
+		want    bool
+	}{
+		{`ci@example\.com`, "ci@example.com", true},
+		{`ci@example\.com`, "xci@example.com", false},
+		{`ci@example\.com`, "ci@example.com.evil", false},
+		{`a|b`, "a", true},
+		{`a|b`, "ab", false},
+		{`a|b`, "xb", false},
+		{`.*@example\.com`, "alice@example.com", true},
+		{`.*@example\.com`, "alice@example.com\nmallory@evil", false},
+		{`(?m)^ci$`, "x\nci", false},
+		{`(?m)^ci$`, "ci", true},
+		{`(?i)CI@example\.com`, "ci@EXAMPLE.com", true},
+	}
+	for _, tt := range tests {
+		set, err := Compile(policyFor(tt.re))
+		if err != nil {
+			t.Fatalf("%q: %v", tt.re, err)
+		}
+		id := set.Policies[0].Identities[0]
+		if got := id.Matches(issuer, tt.subject); got != tt.want {
+			t.Errorf("%q (anchored %q) on %q = %v, want %v", tt.re, id.SubjectRegExp, tt.subject, got, tt.want)
+		}
+		// What cosign is handed must mean the same thing.
+		if got := regexp.MustCompile(id.SubjectRegExp).MatchString(tt.subject); got != tt.want {
+			t.Errorf("cosign's form %q on %q = %v, want %v", id.SubjectRegExp, tt.subject, got, tt.want)
+		}
+	}
+}
+
+// Issue 10 hole 6: globs are normalized like references, so a deny policy
+// written with any Docker Hub spelling matches docker.io/library/nginx.
+func TestGlobsNormalizedLikeReferences(t *testing.T) {
+	t.Parallel()
+	k := writeKey(t, t.TempDir(), "k.pub", genPub(t, "p256"))
+	for _, glob := range []string{
+		"nginx", "library/nginx", "docker.io/nginx", "index.docker.io/library/nginx", "index.docker.io/library/*",
+		"index.docker.io/nginx", "docker.io/library/nginx", "*", "docker.io/*", "index.docker.io/**",
+	} {
+		t.Run(glob, func(t *testing.T) {
+			t.Parallel()
+			y := fmt.Sprintf("policies:\n- name: deny\n  images: [%q]\n  deny: true\n- name: allow\n  images: [\"**\"]\n  keys: [%s]\n", glob, k)
+			set, err := compileYAML(t, y)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ref, err := ParseReference("nginx:1.27")
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, res := set.Decide(ref.Repo)
+			if p == nil || p.Name != "deny" || res == nil || res.Reason != verdict.ReasonDenied {
+				t.Fatalf("glob %q: %s decided by %v (%+v), want the deny policy", glob, ref.Repo, p, res)
+			}
+		})
+	}
+	tests := []struct {
+		glob, want string
+	}{
+		{"nginx", "docker.io/library/nginx"},
+		{"library/nginx", "docker.io/library/nginx"},
+		{"acme/*", "docker.io/acme/*"},
+		{"docker.io/nginx", "docker.io/library/nginx"},
+		{"index.docker.io/library/*", "docker.io/library/*"},
+		{"docker.io/**", "docker.io/**"},
+		{"**", "**"},
+		{"**/nginx", "**/nginx"},
+		{"ghcr.io/acme/*", "ghcr.io/acme/*"},
+		{"*.gcr.io/**", "*.gcr.io/**"},
+		{"localhost/app", "localhost/app"},
+		{"127.0.0.1:5000/**", "127.0.0.1:5000/**"},
+		{"registry.example.com:443/app", "registry.example.com:443/app"},
+	}
+	for _, tt := range tests {
+		got, err := config.NormalizeGlob(tt.glob)
+		if err != nil || got != tt.want {
+			t.Errorf("NormalizeGlob(%q) = %q, %v; want %q", tt.glob, got, err, tt.want)
+		}
+		// A glob without wildcards names the same repository as the reference.
+		if !strings.Contains(tt.glob, "*") {
+			ref, err := ParseReference(tt.glob)
+			if err != nil || ref.Repo != got {
+				t.Errorf("ParseReference(%q) = %q, %v; NormalizeGlob gives %q", tt.glob, ref.Repo, err, got)
+			}
+		}
+	}
+	for _, glob := range []string{"*/nginx", "foo*/app", "reg.example./app", "-bad.example/app", "reg.example:99999999/app"} {
+		if got, err := config.NormalizeGlob(glob); err == nil {
+			t.Errorf("NormalizeGlob(%q) = %q, want an error", glob, got)
+		}
+	}
+	if _, err := config.NormalizeGlob("*/nginx"); err == nil || !strings.Contains(err.Error(), "docker.io/*/nginx") {
+		t.Errorf("ambiguous glob error %v does not name the normalized form", err)
+	}
+}
+
+// An Unavailable set (the config's Secret is not mounted yet) decides every
+// repository pending: never verified, never untrusted.
+func TestUnavailableSetIsPending(t *testing.T) {
+	t.Parallel()
+	set := Unavailable(fmt.Errorf("key /etc/pinwarden/keys/ci.pub: %w", os.ErrNotExist))
+	for _, repo := range []string{"docker.io/library/nginx", "registry.example.com/a"} {
+		p, res := set.Decide(repo)
+		if p != nil || res == nil || res.Verdict != verdict.Pending || res.Reason != verdict.ReasonQueued ||
+			!strings.Contains(res.Detail, "ci.pub") {
+			t.Errorf("%s: %v %+v", repo, p, res)
+		}
+	}
+	if set.Err() == nil || len(set.Policies) != 0 {
+		t.Error("Unavailable set has no cause or has policies")
+	}
+	var nilSet *Set
+	if nilSet.Err() != nil {
+		t.Error("nil set reports an error")
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -23,8 +24,8 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
+	"k8s.io/apimachinery/pkg/util/wait"
 
-	"github.com/pinwarden/pinwarden/agent/loop"
 	"github.com/pinwarden/pinwarden/agent/pins"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/cri"
@@ -81,14 +82,6 @@ const (
 	PhaseRetrying  = "retrying"  // waiting before another attempt
 )
 
-// Kubernetes event types and reasons of the CONTRACT.
-const (
-	EventNormal          = "Normal"
-	EventWarning         = "Warning"
-	ReasonPrefetched     = "ImagePrefetched"
-	ReasonPrefetchFailed = "ImagePrefetchFailed"
-)
-
 // Reasons of failed outcomes that are not verdict reasons.
 const (
 	ReasonRuntimeError = "runtime-error" // the runtime could not be asked
@@ -123,7 +116,7 @@ type Options struct {
 	// io.cri-containerd.pinned=pinned so that kubelet's image GC keeps them.
 	PinGC bool
 	// RetryBase and RetryMax bound the backoff after a failed attempt
-	// (defaults 2s and 5m; doubling, with the jitter of loop.Backoff).
+	// (defaults 2s and 5m; doubling, each wait plus up to 10% jitter).
 	RetryBase, RetryMax time.Duration
 	// Recheck is how often Run checks again a pin that is present, pulled or
 	// rejected: the image may have been removed, the signature added
@@ -185,6 +178,7 @@ type item struct {
 	cancel  context.CancelFunc // cancels the running attempt
 	due     time.Time          // next attempt; zero: now
 	fails   int                // consecutive failed attempts
+	backoff wait.Backoff       // the waits after failed attempts; reset on success
 	last    *Outcome           // last finished attempt
 	again   bool               // SetPins asked for a new attempt while one was running
 }
@@ -332,7 +326,10 @@ func (p *Prefetcher) finish(ctx context.Context, it *item, o Outcome) {
 	p.report(o, changed)
 	now := p.now()
 	if o.Result == ResultFailed {
-		it.due = now.Add(loop.Backoff(p.opts.RetryBase, p.opts.RetryMax, it.fails))
+		if it.fails == 0 {
+			it.backoff = p.retryBackoff()
+		}
+		it.due = now.Add(it.backoff.Step())
 		it.fails++
 	} else {
 		it.due = now.Add(p.opts.Recheck)
@@ -344,6 +341,12 @@ func (p *Prefetcher) finish(ctx context.Context, it *item, o Outcome) {
 	it.again = false
 	it.last = &o
 	p.observePending()
+}
+
+// retryBackoff is the backoff after failed attempts at one pin: RetryBase,
+// doubling up to RetryMax, each wait plus up to 10% jitter.
+func (p *Prefetcher) retryBackoff() wait.Backoff {
+	return wait.Backoff{Duration: p.opts.RetryBase, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: p.opts.RetryMax}
 }
 
 // observePending publishes the number of pins not known to be on the node.
@@ -380,14 +383,14 @@ func (p *Prefetcher) report(o Outcome, changed bool) {
 	switch o.Result {
 	case ResultPulled:
 		p.log.Info("prefetched pinned image", "image", ref, "verdict", o.Verdict, "took", o.Took)
-		p.event(EventNormal, ReasonPrefetched, fmt.Sprintf("Prefetched %s (verdict %s) in %s", ref, o.Verdict, o.Took.Round(time.Millisecond)))
+		p.event(verdict.EventTypeNormal, verdict.EventImagePrefetched, fmt.Sprintf("Prefetched %s (verdict %s) in %s", ref, o.Verdict, o.Took.Round(time.Millisecond)))
 	case ResultRejected, ResultFailed:
 		if !changed {
 			p.log.Debug("prefetch still not possible", "image", ref, "result", o.Result, "reason", o.Reason)
 			return
 		}
 		p.log.Warn("pinned image not prefetched", "image", ref, "result", o.Result, "verdict", o.Verdict, "reason", o.Reason, "detail", o.Detail)
-		p.event(EventWarning, ReasonPrefetchFailed, failMessage(o))
+		p.event(verdict.EventTypeWarning, verdict.EventImagePrefetchFailed, failMessage(o))
 	}
 }
 
@@ -445,6 +448,7 @@ func (p *Prefetcher) Once(ctx context.Context, ps []pins.Pin, progress func(Even
 
 func (p *Prefetcher) once(ctx context.Context, pin pins.Pin, send func(Event)) Outcome {
 	var o Outcome
+	backoff := p.retryBackoff()
 	for attempt := 1; ; attempt++ {
 		o = p.process(ctx, pin, func(phase string) { send(Event{Pin: pin, Phase: phase}) })
 		o.Attempts = attempt
@@ -452,7 +456,7 @@ func (p *Prefetcher) once(ctx context.Context, pin pins.Pin, send func(Event)) O
 			break
 		}
 		send(Event{Pin: pin, Phase: PhaseRetrying})
-		t := time.NewTimer(loop.Backoff(p.opts.RetryBase, p.opts.RetryMax, attempt-1))
+		t := time.NewTimer(backoff.Step())
 		select {
 		case <-ctx.Done():
 		case <-t.C:

@@ -2,6 +2,7 @@ package reload
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -10,44 +11,85 @@ import (
 	"time"
 )
 
-func startWatcher(t *testing.T, files []string) *atomic.Int32 {
+// watcher runs a Watcher and records, in order, every check it makes after
+// a debounce: "changed" or "unchanged".
+type watcher struct {
+	calls  atomic.Int32
+	checks chan bool
+}
+
+func startWatcher(t *testing.T, files []string) *watcher {
 	t.Helper()
-	var calls atomic.Int32
-	w, err := New(files, 20*time.Millisecond, slog.New(slog.DiscardHandler), func() { calls.Add(1) })
+	w := &watcher{checks: make(chan bool, 100)}
+	rw, err := New(files, 20*time.Millisecond, slog.New(slog.DiscardHandler), func() { w.calls.Add(1) },
+		WithCheckHook(func(changed bool) {
+			select {
+			case w.checks <- changed:
+			default: // a test that stopped reading must not block the watcher
+			}
+		}))
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
-	go func() { _ = w.Run(ctx); close(done) }()
+	go func() { _ = rw.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	return &calls
+	return w
 }
 
-func waitCalls(t *testing.T, calls *atomic.Int32, want int32) {
+// nextCheck waits for the watcher's next check and returns its outcome.
+func (w *watcher) nextCheck(t *testing.T) bool {
 	t.Helper()
-	deadline := time.Now().Add(3 * time.Second)
-	for calls.Load() < want && time.Now().Before(deadline) {
+	select {
+	case c := <-w.checks:
+		return c
+	case <-time.After(10 * time.Second):
+		t.Fatal("the watcher made no check")
+		return false
+	}
+}
+
+func waitCalls(t *testing.T, w *watcher, want int32) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for w.calls.Load() < want && time.Now().Before(deadline) {
 		time.Sleep(5 * time.Millisecond)
 	}
-	if got := calls.Load(); got != want {
+	if got := w.calls.Load(); got != want {
 		t.Fatalf("callbacks = %d, want %d", got, want)
 	}
 }
 
+func write(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestPlainWriteAndUnrelatedFile: an unrelated file changes nothing. The
+// proof is positive: a dot-file written after it makes the watcher check
+// (inotify delivers events in order), and that check, which has seen the
+// unrelated write, finds nothing changed and calls nobody.
 func TestPlainWriteAndUnrelatedFile(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
 	f := filepath.Join(dir, "config.yaml")
-	os.WriteFile(f, []byte("a: 1\n"), 0o600)
-	calls := startWatcher(t, []string{f})
-	os.WriteFile(filepath.Join(dir, "other.txt"), []byte("x"), 0o600)
-	time.Sleep(100 * time.Millisecond)
-	if calls.Load() != 0 {
-		t.Fatalf("unrelated file triggered a reload")
+	write(t, f, "a: 1\n")
+	w := startWatcher(t, []string{f})
+	write(t, filepath.Join(dir, "other.txt"), "x")
+	write(t, filepath.Join(dir, ".marker"), "x")
+	if w.nextCheck(t) {
+		t.Fatal("a check after an unrelated write found a change")
 	}
-	os.WriteFile(f, []byte("a: 22\n"), 0o600)
-	waitCalls(t, calls, 1)
+	if n := w.calls.Load(); n != 0 {
+		t.Fatalf("unrelated file triggered %d reloads", n)
+	}
+	write(t, f, "a: 22\n")
+	for !w.nextCheck(t) {
+	}
+	waitCalls(t, w, 1)
 }
 
 // TestConfigMapSymlinkSwap reproduces how kubelet updates a ConfigMap volume:
@@ -61,7 +103,7 @@ func TestConfigMapSymlinkSwap(t *testing.T) {
 	os.Symlink(filepath.Base(v1), filepath.Join(dir, "..data"))
 	f := filepath.Join(dir, "config.yaml")
 	os.Symlink(filepath.Join("..data", "config.yaml"), f)
-	calls := startWatcher(t, []string{f})
+	w := startWatcher(t, []string{f})
 
 	v2 := filepath.Join(dir, "..2026_11_26_10_05_00.2")
 	os.Mkdir(v2, 0o755)
@@ -72,7 +114,7 @@ func TestConfigMapSymlinkSwap(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.RemoveAll(v1)
-	waitCalls(t, calls, 1)
+	waitCalls(t, w, 1)
 }
 
 func TestRenameOver(t *testing.T) {
@@ -80,9 +122,75 @@ func TestRenameOver(t *testing.T) {
 	dir := t.TempDir()
 	f := filepath.Join(dir, "pins.txt")
 	os.WriteFile(f, []byte("one\n"), 0o600)
-	calls := startWatcher(t, []string{f})
+	w := startWatcher(t, []string{f})
 	tmp := filepath.Join(dir, "pins.txt.swp")
 	os.WriteFile(tmp, []byte("two lines\n"), 0o600)
 	os.Rename(tmp, f)
-	waitCalls(t, calls, 1)
+	waitCalls(t, w, 1)
+}
+
+// secretVolume lays out dir like kubelet's Secret and ConfigMap volumes:
+// name -> ..data/name, ..data -> ..<version>. swap publishes a new version
+// atomically (rename of a new ..data symlink), as kubelet does.
+type secretVolume struct {
+	dir string
+	n   int
+}
+
+func (v *secretVolume) swap(t *testing.T, files map[string]string) {
+	t.Helper()
+	v.n++
+	ver := filepath.Join(v.dir, fmt.Sprintf("..2026_12_01_10_00_0%d.%d", v.n, v.n))
+	if err := os.Mkdir(ver, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for name, content := range files {
+		write(t, filepath.Join(ver, name), content)
+		link := filepath.Join(v.dir, name)
+		if _, err := os.Lstat(link); err != nil {
+			if err := os.Symlink(filepath.Join("..data", name), link); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tmp := filepath.Join(v.dir, "..data_tmp")
+	if err := os.Symlink(filepath.Base(ver), tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(v.dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestMissingDirectoryAppears: a file whose directory does not exist yet
+// (a Secret not mounted, or mounted later) is watched through its nearest
+// existing ancestor and picked up when it appears.
+func TestMissingDirectoryAppears(t *testing.T) {
+	t.Parallel()
+	base := t.TempDir()
+	key := filepath.Join(base, "secrets", "keys", "ci.pub")
+	w := startWatcher(t, []string{key})
+	if err := os.MkdirAll(filepath.Join(base, "secrets", "keys"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// The directory alone is no change of the file.
+	if w.nextCheck(t) {
+		t.Fatal("a new empty directory counted as a change")
+	}
+	v := &secretVolume{dir: filepath.Dir(key)}
+	v.swap(t, map[string]string{"ci.pub": "key one"})
+	waitCalls(t, w, 1)
+	v.swap(t, map[string]string{"ci.pub": "key two"})
+	waitCalls(t, w, 2)
+}
+
+// TestSecretKeyRotation: a key in a Secret volume rotated by kubelet's
+// ..data swap is a change, though the path of the key never changes.
+func TestSecretKeyRotation(t *testing.T) {
+	t.Parallel()
+	v := &secretVolume{dir: t.TempDir()}
+	v.swap(t, map[string]string{"ci.pub": "key one", "root.json": "{}"})
+	w := startWatcher(t, []string{filepath.Join(v.dir, "ci.pub"), filepath.Join(v.dir, "root.json")})
+	v.swap(t, map[string]string{"ci.pub": "key two", "root.json": "{}"})
+	waitCalls(t, w, 1)
 }

@@ -7,6 +7,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
@@ -30,16 +31,17 @@ type reportedSet map[string]map[problem]map[string]bool
 // a verdict problem, so a re-check that fails for a while and then confirms
 // the old verdict emits nothing new. A digest that leaves the list forgets
 // everything.
-func (w *worker) emitTransitions(imgs []status.Image) {
+func (w *worker) emitTransitions(imgs []nodestate.Image) {
 	next := make(reportedSet, len(w.reported))
-	for _, im := range imgs {
+	for i := range imgs {
+		im := &imgs[i]
 		if _, dup := next[im.Digest]; dup {
 			continue
 		}
 		prev := w.reported[im.Digest]
 		cur := map[problem]map[string]bool{}
 		var ps []problem
-		switch im.Verdict {
+		switch im.Result.Verdict {
 		case verdict.Unverified:
 			ps = append(ps, problemUnverified)
 		case verdict.Untrusted:
@@ -51,7 +53,7 @@ func (w *worker) emitTransitions(imgs []status.Image) {
 				}
 			}
 		}
-		if im.Drifted {
+		if im.Drifted() {
 			ps = append(ps, problemDrifted)
 		}
 		for _, p := range ps {
@@ -118,20 +120,20 @@ func sameProblems(a, b map[problem]map[string]bool) bool {
 }
 
 // problemEvent returns the reason and message of a Warning about im.
-func problemEvent(im status.Image, p problem) (reason, msg string) {
+func problemEvent(im *nodestate.Image, p problem) (reason, msg string) {
 	short := status.ShortDigest(im.Digest)
 	switch p {
 	case problemDrifted:
-		return ReasonImageDrifted, fmt.Sprintf("image %s (%s) drifted: the node has %s but the pin is %s",
-			im.Image, short, im.Digest, im.PinnedDigest)
+		return verdict.EventImageDrifted, fmt.Sprintf("image %s (%s) drifted: the node has %s but the pin is %s",
+			im.Name, short, im.Digest, im.PinnedDigest())
 	case problemUntrusted:
-		reason = ReasonImageUntrusted
+		reason = verdict.EventImageUntrusted
 	default:
-		reason = ReasonImageUnverified
+		reason = verdict.EventImageUnverified
 	}
-	msg = fmt.Sprintf("image %s (%s) is %s: %s", im.Image, short, im.Verdict, orUnknown(im.Reason))
-	if im.Policy != "" {
-		msg += fmt.Sprintf(" (policy %s)", im.Policy)
+	msg = fmt.Sprintf("image %s (%s) is %s: %s", im.Name, short, im.Result.Verdict, orUnknown(im.Result.Reason))
+	if im.Result.Policy != "" {
+		msg += fmt.Sprintf(" (policy %s)", im.Result.Policy)
 	}
 	return reason, msg
 }

@@ -8,15 +8,15 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/record"
 
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
-func manyImages(n int, v verdict.Verdict) []status.Image {
-	imgs := make([]status.Image, n)
+func manyImages(n int, v verdict.Verdict) []nodestate.Image {
+	imgs := make([]nodestate.Image, n)
 	for i := range imgs {
-		imgs[i] = status.Image{Image: fmt.Sprintf("reg.example/app%d:1", i), Digest: fmt.Sprintf("sha256:%064x", i),
-			Verdict: v, Reason: verdict.ReasonNoSignature, RunningContainers: 1, Pods: []string{fmt.Sprintf("ns/pod-%d", i)}}
+		imgs[i] = nodestate.Image{Name: fmt.Sprintf("reg.example/app%d:1", i), Digest: fmt.Sprintf("sha256:%064x", i),
+			Result: verdict.Result{Verdict: v, Reason: verdict.ReasonNoSignature}, Running: 1, Pods: []string{fmt.Sprintf("ns/pod-%d", i)}}
 	}
 	return imgs
 }
@@ -29,12 +29,12 @@ func TestEventsPerSyncAreCapped(t *testing.T) {
 	w := newWorker(r)
 	w.recorder = rec
 	imgs := manyImages(10000, verdict.Unverified)
-	r.Report(imgs)
+	r.Report(&nodestate.State{Images: imgs})
 	w.sync(t.Context()) // the node get fails (no node): events still go out
 	if n := len(rec.Events); n != maxEventsPerSync {
 		t.Errorf("%d events in one sync, want the cap %d", n, maxEventsPerSync)
 	}
-	r.Report(imgs)
+	r.Report(&nodestate.State{Images: imgs})
 	w.sync(t.Context())
 	if n := len(rec.Events); n != maxEventsPerSync {
 		t.Errorf("%d events after a resync, want still %d", n, maxEventsPerSync)

@@ -12,7 +12,7 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
@@ -23,7 +23,7 @@ func TestSetOptionsTaintOffLiftsTaint(t *testing.T) {
 		cs := fake.NewClientset(testNode())
 		r, stop := start(t, cs, WithEvents(false), WithQuarantineTaint(true))
 		defer stop()
-		bad := []status.Image{img('a', verdict.Unverified, 1)}
+		bad := []nodestate.Image{img('a', verdict.Unverified, 1)}
 		report(r, bad...)
 		if !hasTaint(getNode(t, cs).Spec.Taints) {
 			t.Fatal("no taint while True")
@@ -60,7 +60,7 @@ func TestSetOptionsEventsAndCondition(t *testing.T) {
 		}
 		r.SetOptions(WithEvents(true), WithNodeCondition(true))
 		report(r, img('a', verdict.Unverified, 1))
-		if got := emitted(t, cs)["Node/"+nodeName+"/"+ReasonImageUnverified]; got != 1 {
+		if got := emitted(t, cs)["Node/"+nodeName+"/"+verdict.EventImageUnverified]; got != 1 {
 			t.Errorf("%d ImageUnverified events on the node after events were turned on, want 1", got)
 		}
 		if c := condition(t, cs); c == nil || c.Status != corev1.ConditionTrue {
@@ -149,8 +149,8 @@ func TestNoDuplicateEventsAfterRestart(t *testing.T) {
 		report(r, bad)
 		stop()
 		want := map[string]int{
-			"Node/" + nodeName + "/" + ReasonImageUnverified: 1,
-			"Pod/shop/api-0/" + ReasonImageUnverified:        1,
+			"Node/" + nodeName + "/" + verdict.EventImageUnverified: 1,
+			"Pod/shop/api-0/" + verdict.EventImageUnverified:        1,
 		}
 		check := func(when string) {
 			t.Helper()
@@ -168,7 +168,7 @@ func TestNoDuplicateEventsAfterRestart(t *testing.T) {
 		check("after a restart")
 		// A new pod running the image is still told, once.
 		report(r, img('a', verdict.Unverified, 2, "shop/api-0", "shop/api-1"))
-		want["Pod/shop/api-1/"+ReasonImageUnverified] = 1
+		want["Pod/shop/api-1/"+verdict.EventImageUnverified] = 1
 		check("new pod")
 		stop()
 
@@ -177,7 +177,7 @@ func TestNoDuplicateEventsAfterRestart(t *testing.T) {
 		r, stop = start(t, cs)
 		report(r, bad)
 		stop()
-		if got := emitted(t, cs)["Node/"+nodeName+"/"+ReasonImageUnverified]; got != 2 {
+		if got := emitted(t, cs)["Node/"+nodeName+"/"+verdict.EventImageUnverified]; got != 2 {
 			t.Errorf("without a state file: %d node events, want 2", got)
 		}
 	})

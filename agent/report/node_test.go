@@ -20,7 +20,7 @@ import (
 	testclock "k8s.io/utils/clock/testing"
 
 	"github.com/pinwarden/pinwarden/agent/config"
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
@@ -32,7 +32,7 @@ func TestConditionPatchedOnlyOnChangeAndHeartbeat(t *testing.T) {
 		defer stop()
 		patches := func() int { return count(cs, "patch", "nodes", "status") }
 
-		bad := []status.Image{img('a', verdict.Unverified, 1)}
+		bad := []nodestate.Image{img('a', verdict.Unverified, 1)}
 		report(r, bad...)
 		report(r, bad...)
 		report(r, bad...)
@@ -87,14 +87,14 @@ func TestConditionAfterRestart(t *testing.T) {
 	msg := "1 running image fails policy: reg.example/a:1 (aaaaaaaaaaaa unverified/no-signature)"
 	tests := []struct {
 		name        string
-		imgs        []status.Image
+		imgs        []nodestate.Image
 		wantPatches int
 		wantStatus  corev1.ConditionStatus
 	}{
-		{"same state: nothing written", []status.Image{img('a', verdict.Unverified, 1)}, 0, corev1.ConditionTrue},
-		{"running images still pending: the True condition is held", []status.Image{img('a', verdict.Pending, 1)},
+		{"same state: nothing written", []nodestate.Image{img('a', verdict.Unverified, 1)}, 0, corev1.ConditionTrue},
+		{"running images still pending: the True condition is held", []nodestate.Image{img('a', verdict.Pending, 1)},
 			0, corev1.ConditionTrue},
-		{"decided and trusted: lifted", []status.Image{img('a', verdict.Verified, 1)}, 1, corev1.ConditionFalse},
+		{"decided and trusted: lifted", []nodestate.Image{img('a', verdict.Verified, 1)}, 1, corev1.ConditionFalse},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -136,29 +136,29 @@ func TestQuarantineTaint(t *testing.T) {
 		{Key: "node.kubernetes.io/unreachable", Effect: corev1.TaintEffectNoExecute},
 	}
 	ours := corev1.Taint{Key: TaintKey, Value: TaintValue, Effect: TaintEffect}
-	bad := []status.Image{img('a', verdict.Unverified, 1)}
-	good := []status.Image{img('a', verdict.Verified, 1)}
-	idle := []status.Image{img('a', verdict.Unverified, 0)}
+	bad := []nodestate.Image{img('a', verdict.Unverified, 1)}
+	good := []nodestate.Image{img('a', verdict.Verified, 1)}
+	idle := []nodestate.Image{img('a', verdict.Unverified, 0)}
 	tests := []struct {
 		name    string
 		on      bool
 		initial []corev1.Taint
-		steps   [][]status.Image
+		steps   [][]nodestate.Image
 		want    [][]corev1.Taint // taints after each step
 	}{
 		{"added exactly while True, removed after, others kept", true, others,
-			[][]status.Image{good, bad, bad, idle, bad, good},
+			[][]nodestate.Image{good, bad, bad, idle, bad, good},
 			[][]corev1.Taint{others, append(slices.Clone(others), ours), append(slices.Clone(others), ours), others,
 				append(slices.Clone(others), ours), others}},
 		{"a wrong value of our taint is corrected", true,
 			[]corev1.Taint{{Key: TaintKey, Value: "false", Effect: TaintEffect}},
-			[][]status.Image{bad}, [][]corev1.Taint{{ours}}},
+			[][]nodestate.Image{bad}, [][]corev1.Taint{{ours}}},
 		{"off: never added", false, others,
-			[][]status.Image{bad, good}, [][]corev1.Taint{others, others}},
+			[][]nodestate.Image{bad, good}, [][]corev1.Taint{others, others}},
 		// The incident switch: with quarantineTaint off, pinwarden's taint
 		// (left by an earlier config) is lifted; the others are kept.
 		{"off: pinwarden's taint is lifted", false, append(slices.Clone(others), ours),
-			[][]status.Image{good, bad, good},
+			[][]nodestate.Image{good, bad, good},
 			[][]corev1.Taint{others, others, others}},
 	}
 	for _, tt := range tests {
@@ -298,7 +298,7 @@ func TestFailedWritesAreRetried(t *testing.T) {
 					t.Errorf("taint did not converge")
 				}
 				got := emitted(t, cs)
-				if got["Node/node1/"+ReasonImageUnverified] != 1 || got["Pod/shop/api-1/"+ReasonImageUnverified] != 1 {
+				if got["Node/node1/"+verdict.EventImageUnverified] != 1 || got["Pod/shop/api-1/"+verdict.EventImageUnverified] != 1 {
 					t.Errorf("events %v", got)
 				}
 			})
@@ -315,9 +315,9 @@ func TestOnlyGrantedVerbs(t *testing.T) {
 		failFirst(cs, "patch", "nodes", "status", 1)
 		r, stop := start(t, cs, FromConfig(config.Kubernetes{Events: true, NodeCondition: true, QuarantineTaint: true})...)
 		defer stop()
-		r.Event(corev1.EventTypeNormal, ReasonImagePrefetched, "pulled reg.example/z:1")
-		bad := []status.Image{img('a', verdict.Unverified, 1, "shop/api-1"), drifted(img('b', verdict.Verified, 1), 'f')}
-		good := []status.Image{img('a', verdict.Verified, 1, "shop/api-1"), img('b', verdict.Verified, 1)}
+		r.Event(corev1.EventTypeNormal, verdict.EventImagePrefetched, "pulled reg.example/z:1")
+		bad := []nodestate.Image{img('a', verdict.Unverified, 1, "shop/api-1"), drifted(img('b', verdict.Verified, 1), 'f')}
+		good := []nodestate.Image{img('a', verdict.Verified, 1, "shop/api-1"), img('b', verdict.Verified, 1)}
 		for range 3 {
 			report(r, bad...)
 			time.Sleep(2 * time.Second)
@@ -354,13 +354,13 @@ func TestOnlyGrantedVerbs(t *testing.T) {
 func TestReportAndEventNeverBlock(t *testing.T) {
 	cs := fake.NewClientset(testNode())
 	r := New(cs, nodeName, slog.New(slog.DiscardHandler))
-	imgs := []status.Image{img('a', verdict.Unverified, 1)}
+	imgs := []nodestate.Image{img('a', verdict.Unverified, 1)}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for range 100000 { // no worker is running
-			r.Report(imgs)
-			r.Event(corev1.EventTypeWarning, ReasonImagePrefetchFailed, "x")
+			r.Report(&nodestate.State{Images: imgs})
+			r.Event(corev1.EventTypeWarning, verdict.EventImagePrefetchFailed, "x")
 		}
 	}()
 	select {
@@ -417,11 +417,28 @@ func TestWithTaint(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	for n := 1; n < 20; n++ {
-		d := backoff(n)
-		if d < retryBase*9/10 || d > retryMax*11/10 {
-			t.Errorf("backoff(%d) = %v outside [%v, %v]", n, d, retryBase*9/10, retryMax*11/10)
+// TestRetrierBackoff: the waits after consecutive failures start at
+// retryBase, double up to retryMax, carry up to 10% jitter, and start over
+// after a success.
+func TestRetrierBackoff(t *testing.T) {
+	t.Parallel()
+	want := []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
+		32 * time.Second, time.Minute, time.Minute}
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var r retrier
+	for round := range 2 {
+		for i, w := range want {
+			d := r.failed(now)
+			if d < w || d > w+w/10 {
+				t.Fatalf("round %d, failure %d: wait %v, want in [%v, %v]", round, i+1, d, w, w+w/10)
+			}
+			if !r.waiting(now.Add(d-time.Millisecond)) || r.waiting(now.Add(d)) {
+				t.Fatalf("failure %d: waiting() wrong around the retry time", i+1)
+			}
+		}
+		r.succeeded()
+		if r.waiting(now) {
+			t.Fatal("waiting after a success")
 		}
 	}
 }

@@ -1,10 +1,10 @@
-// Package report tells the Kubernetes API server about the node's images:
-// Warning events on the Node (and on the Pods running the image) when a
-// digest turns unverified, untrusted or drifted, the node condition
-// UntrustedImage, and, opt-in, the quarantine taint
+// Package report tells the Kubernetes API server about the node's state
+// (agent/nodestate): Warning events on the Node (and on the Pods running the
+// image) when a digest turns unverified, untrusted or drifted, the node
+// condition UntrustedImage, and, opt-in, the quarantine taint
 // pinwarden.dev/untrusted-image=true:NoSchedule while that condition is True.
 //
-// Report only stores the latest image list and wakes one worker (Run), so the
+// Report only stores the latest node state and wakes one worker (Run), so the
 // node loop is never blocked by the API server. The worker patches the
 // condition only when its status, reason or message change, plus a heartbeat,
 // and retries failed writes with capped backoff without losing the desired
@@ -31,21 +31,11 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/pinwarden/pinwarden/agent/config"
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 )
 
 // Component is the event source and the reporting controller.
 const Component = "pinwarden"
-
-// Event reasons (CONTRACT, "Kubernetes").
-const (
-	ReasonImageUnverified     = "ImageUnverified"
-	ReasonImageUntrusted      = "ImageUntrusted"
-	ReasonImageDrifted        = "ImageDrifted"
-	ReasonImagePrefetchFailed = "ImagePrefetchFailed"
-	ReasonConfigInvalid       = "ConfigInvalid"
-	ReasonImagePrefetched     = "ImagePrefetched"
-)
 
 // The node condition and its reasons.
 const (
@@ -149,8 +139,8 @@ type Reporter struct {
 	active atomic.Bool   // Run is running
 
 	mu sync.Mutex // guards latest, have, queued and opts.live
-	// latest is the last list given to Report; the caller must not modify it.
-	latest []status.Image
+	// latest is the last state given to Report; nobody modifies it.
+	latest *nodestate.State
 	have   bool
 	// queued are events from Event waiting for the worker, at most maxQueuedEvents.
 	queued []genericEvent
@@ -190,12 +180,12 @@ func (r *Reporter) liveOptions() liveOptions {
 	return r.opts.live
 }
 
-// Report stores images as the node's current state and wakes the worker. It
-// never blocks; a burst of calls is handled once, with the last list. The
-// caller must not modify images afterwards.
-func (r *Reporter) Report(images []status.Image) {
+// Report stores st as the node's current state and wakes the worker. It
+// never blocks; a burst of calls is handled once, with the last state. The
+// caller must not modify st afterwards.
+func (r *Reporter) Report(st *nodestate.State) {
 	r.mu.Lock()
-	r.latest, r.have = images, true
+	r.latest, r.have = st, true
 	r.mu.Unlock()
 	r.poke()
 }
@@ -228,11 +218,14 @@ func (r *Reporter) poke() {
 	}
 }
 
-func (r *Reporter) take() (imgs []status.Image, have bool, evs []genericEvent) {
+func (r *Reporter) take() (imgs []nodestate.Image, have bool, evs []genericEvent) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	evs, r.queued = r.queued, nil
-	return r.latest, r.have, evs
+	if r.latest != nil {
+		imgs = r.latest.Images
+	}
+	return imgs, r.have, evs
 }
 
 // errRunning means Run was called while another Run was active.

@@ -13,7 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
-	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
@@ -36,15 +36,17 @@ func testNode(taints ...corev1.Taint) *corev1.Node {
 func digest(c byte) string { return "sha256:" + strings.Repeat(string(c), 64) }
 
 // img is an image with digest sha256:<c...>, named reg.example/<c>:1.
-func img(c byte, v verdict.Verdict, running int, pods ...string) status.Image {
+func img(c byte, v verdict.Verdict, running int, pods ...string) nodestate.Image {
 	reason := map[verdict.Verdict]string{verdict.Unverified: verdict.ReasonNoSignature,
 		verdict.Untrusted: verdict.ReasonDenied, verdict.Pending: verdict.ReasonQueued}[v]
-	return status.Image{Image: "reg.example/" + string(c) + ":1", Digest: digest(c), Verdict: v, Reason: reason,
-		RunningContainers: running, Pods: append([]string{}, pods...)}
+	name := "reg.example/" + string(c) + ":1"
+	return nodestate.Image{Name: name, Tags: []string{name}, Digest: digest(c),
+		Result: verdict.Result{Verdict: v, Reason: reason}, Running: running, Pods: append([]string{}, pods...)}
 }
 
-func drifted(im status.Image, pinned byte) status.Image {
-	im.Drifted, im.PinnedDigest = true, digest(pinned)
+// drifted pins im's tag to the digest sha256:<pinned...>.
+func drifted(im nodestate.Image, pinned byte) nodestate.Image {
+	im.Pins = []nodestate.TagPin{{Tag: im.Name, Digest: digest(pinned)}}
 	return im
 }
 
@@ -68,9 +70,9 @@ func start(t *testing.T, cs *fake.Clientset, opts ...Option) (*Reporter, func())
 // broadcaster are idle. Time moves on first: the recorder names events after
 // the node (or pod) and the time in nanoseconds, and in a bubble time only
 // moves when told to, so two steps would otherwise collide on one name.
-func report(r *Reporter, imgs ...status.Image) {
+func report(r *Reporter, imgs ...nodestate.Image) {
 	time.Sleep(time.Millisecond)
-	r.Report(imgs)
+	r.Report(&nodestate.State{Images: imgs})
 	synctest.Wait()
 }
 
@@ -142,75 +144,75 @@ func TestEventsOnTransitions(t *testing.T) {
 	)
 	tests := []struct {
 		name  string
-		steps [][]status.Image
+		steps [][]nodestate.Image
 		want  map[string]int
 	}{
 		{
 			name: "unverified emits once on the node and once per pod; a resync emits nothing",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Unverified, 2, "shop/api-1", "shop/api-2"), img('b', verdict.Verified, 1, "shop/web")},
 				{img('a', verdict.Unverified, 2, "shop/api-1", "shop/api-2"), img('b', verdict.Verified, 1, "shop/web")},
 			},
-			want: map[string]int{node + ReasonImageUnverified: 1, p1 + ReasonImageUnverified: 1, p2 + ReasonImageUnverified: 1},
+			want: map[string]int{node + verdict.EventImageUnverified: 1, p1 + verdict.EventImageUnverified: 1, p2 + verdict.EventImageUnverified: 1},
 		},
 		{
 			name: "leaving and re-entering emits again",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Unverified, 0)},
 				{img('a', verdict.Verified, 0)},
 				{img('a', verdict.Unverified, 0)},
 			},
-			want: map[string]int{node + ReasonImageUnverified: 2},
+			want: map[string]int{node + verdict.EventImageUnverified: 2},
 		},
 		{
 			name: "an image that leaves the node and comes back emits again",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Untrusted, 0)},
 				{},
 				{img('a', verdict.Untrusted, 0)},
 			},
-			want: map[string]int{node + ReasonImageUntrusted: 2},
+			want: map[string]int{node + verdict.EventImageUntrusted: 2},
 		},
 		{
 			name: "pending is not an event, and a pending re-check does not re-emit",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Pending, 1, "shop/api-1")},
 				{img('a', verdict.Unverified, 1, "shop/api-1")},
 				{img('a', verdict.Pending, 1, "shop/api-1")},
 				{img('a', verdict.Unverified, 1, "shop/api-1")},
 			},
-			want: map[string]int{node + ReasonImageUnverified: 1, p1 + ReasonImageUnverified: 1},
+			want: map[string]int{node + verdict.EventImageUnverified: 1, p1 + verdict.EventImageUnverified: 1},
 		},
 		{
 			name:  "pending only emits nothing",
-			steps: [][]status.Image{{img('a', verdict.Pending, 1, "shop/api-1")}},
+			steps: [][]nodestate.Image{{img('a', verdict.Pending, 1, "shop/api-1")}},
 			want:  map[string]int{},
 		},
 		{
 			name: "drifted emits ImageDrifted beside the verdict problem",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{drifted(img('a', verdict.Verified, 1, "shop/api-1"), 'f')},
 				{drifted(img('a', verdict.Unverified, 1, "shop/api-1"), 'f')},
 			},
-			want: map[string]int{node + ReasonImageDrifted: 1, p1 + ReasonImageDrifted: 1,
-				node + ReasonImageUnverified: 1, p1 + ReasonImageUnverified: 1},
+			want: map[string]int{node + verdict.EventImageDrifted: 1, p1 + verdict.EventImageDrifted: 1,
+				node + verdict.EventImageUnverified: 1, p1 + verdict.EventImageUnverified: 1},
 		},
 		{
 			name: "unverified turning untrusted is a new problem",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Unverified, 0)},
 				{img('a', verdict.Untrusted, 0)},
 			},
-			want: map[string]int{node + ReasonImageUnverified: 1, node + ReasonImageUntrusted: 1},
+			want: map[string]int{node + verdict.EventImageUnverified: 1, node + verdict.EventImageUntrusted: 1},
 		},
 		{
 			name: "a pod that starts later on a problem image gets its own event",
-			steps: [][]status.Image{
+			steps: [][]nodestate.Image{
 				{img('a', verdict.Unverified, 1, "shop/api-1")},
 				{img('a', verdict.Unverified, 2, "shop/api-1", "shop/api-2")},
 				{img('a', verdict.Unverified, 2, "shop/api-1", "shop/api-2")},
 			},
-			want: map[string]int{node + ReasonImageUnverified: 1, p1 + ReasonImageUnverified: 1, p2 + ReasonImageUnverified: 1},
+			want: map[string]int{node + verdict.EventImageUnverified: 1, p1 + verdict.EventImageUnverified: 1, p2 + verdict.EventImageUnverified: 1},
 		},
 	}
 	for _, tt := range tests {
@@ -261,15 +263,15 @@ func mapsEqual(a, b map[string]int) bool {
 func TestEventMessages(t *testing.T) {
 	tests := []struct {
 		name   string
-		im     status.Image
+		im     nodestate.Image
 		reason string
 		want   []string
 	}{
-		{"unverified", img('a', verdict.Unverified, 0), ReasonImageUnverified,
+		{"unverified", img('a', verdict.Unverified, 0), verdict.EventImageUnverified,
 			[]string{"reg.example/a:1", "aaaaaaaaaaaa", "unverified", verdict.ReasonNoSignature}},
-		{"untrusted", img('b', verdict.Untrusted, 0), ReasonImageUntrusted,
+		{"untrusted", img('b', verdict.Untrusted, 0), verdict.EventImageUntrusted,
 			[]string{"reg.example/b:1", "bbbbbbbbbbbb", "untrusted", verdict.ReasonDenied}},
-		{"drifted", drifted(img('c', verdict.Verified, 0), 'f'), ReasonImageDrifted,
+		{"drifted", drifted(img('c', verdict.Verified, 0), 'f'), verdict.EventImageDrifted,
 			[]string{"reg.example/c:1", "cccccccccccc", "drifted", digest('f')}},
 	}
 	for _, tt := range tests {
@@ -299,16 +301,16 @@ func TestEventFromOtherComponents(t *testing.T) {
 		cs := fake.NewClientset(testNode())
 		r := New(cs, nodeName, slog.New(slog.DiscardHandler), WithNodeCondition(false))
 		// Sent before Run: must wait for the worker, not be lost.
-		r.Event(corev1.EventTypeWarning, ReasonConfigInvalid, "config /etc/pinwarden/config.yaml: unknown key")
+		r.Event(corev1.EventTypeWarning, verdict.EventConfigInvalid, "config /etc/pinwarden/config.yaml: unknown key")
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
 		go func() { done <- r.Run(ctx) }()
 		synctest.Wait()
 		time.Sleep(time.Millisecond)
-		r.Event(corev1.EventTypeNormal, ReasonImagePrefetched, "pulled reg.example/a:1")
+		r.Event(corev1.EventTypeNormal, verdict.EventImagePrefetched, "pulled reg.example/a:1")
 		synctest.Wait()
 		got := emitted(t, cs)
-		want := map[string]int{"Node/node1/" + ReasonConfigInvalid: 1, "Node/node1/" + ReasonImagePrefetched: 1}
+		want := map[string]int{"Node/node1/" + verdict.EventConfigInvalid: 1, "Node/node1/" + verdict.EventImagePrefetched: 1}
 		if !mapsEqual(got, want) {
 			t.Errorf("emitted %v, want %v", got, want)
 		}
@@ -324,7 +326,7 @@ func TestEventsOff(t *testing.T) {
 		cs := fake.NewClientset(testNode())
 		r, stop := start(t, cs, WithEvents(false))
 		defer stop()
-		r.Event(corev1.EventTypeWarning, ReasonConfigInvalid, "bad")
+		r.Event(corev1.EventTypeWarning, verdict.EventConfigInvalid, "bad")
 		report(r, img('a', verdict.Unverified, 1, "shop/api-1"))
 		if n := len(storedEvents(t, cs)); n != 0 {
 			t.Errorf("%d events with events off", n)
@@ -336,34 +338,34 @@ func TestEventsOff(t *testing.T) {
 }
 
 func TestCondition(t *testing.T) {
-	many := make([]status.Image, 0, 7)
+	many := make([]nodestate.Image, 0, 7)
 	for c := byte('a'); c < 'a'+7; c++ {
 		many = append(many, img(c, verdict.Unverified, 1))
 	}
 	tests := []struct {
 		name     string
-		imgs     []status.Image
+		imgs     []nodestate.Image
 		status   corev1.ConditionStatus
 		reason   string
 		contains []string
 		lacks    []string
 	}{
-		{"running unverified", []status.Image{img('a', verdict.Unverified, 1), img('b', verdict.Verified, 3)},
+		{"running unverified", []nodestate.Image{img('a', verdict.Unverified, 1), img('b', verdict.Verified, 3)},
 			corev1.ConditionTrue, ReasonUntrustedImageRunning,
 			[]string{"1 running image fails policy", "reg.example/a:1", "aaaaaaaaaaaa", "unverified/no-signature"},
 			[]string{"reg.example/b:1"}},
-		{"running untrusted", []status.Image{img('a', verdict.Untrusted, 1)},
+		{"running untrusted", []nodestate.Image{img('a', verdict.Untrusted, 1)},
 			corev1.ConditionTrue, ReasonUntrustedImageRunning, []string{"untrusted/denied"}, nil},
-		{"running drifted only", []status.Image{drifted(img('a', verdict.Verified, 1), 'f')},
+		{"running drifted only", []nodestate.Image{drifted(img('a', verdict.Verified, 1), 'f')},
 			corev1.ConditionTrue, ReasonDriftedImageRunning, []string{"reg.example/a:1", "drifted"}, nil},
 		{"drifted and unverified: the untrusted reason wins",
-			[]status.Image{drifted(img('a', verdict.Verified, 1), 'f'), img('b', verdict.Unverified, 1)},
+			[]nodestate.Image{drifted(img('a', verdict.Verified, 1), 'f'), img('b', verdict.Unverified, 1)},
 			corev1.ConditionTrue, ReasonUntrustedImageRunning,
 			[]string{"2 running images fail policy: reg.example/b:1 (bbbbbbbbbbbb unverified/no-signature), reg.example/a:1 (aaaaaaaaaaaa drifted)"}, nil},
-		{"problems only on images not running", []status.Image{img('a', verdict.Unverified, 0),
+		{"problems only on images not running", []nodestate.Image{img('a', verdict.Unverified, 0),
 			drifted(img('b', verdict.Untrusted, 0), 'f'), img('c', verdict.Verified, 2)},
 			corev1.ConditionFalse, ReasonImagesTrusted, []string{conditionMessageTrusted}, nil},
-		{"running pending is not a problem", []status.Image{img('a', verdict.Pending, 1)},
+		{"running pending is not a problem", []nodestate.Image{img('a', verdict.Pending, 1)},
 			corev1.ConditionFalse, ReasonImagesTrusted, nil, nil},
 		{"message names at most 5 images", many, corev1.ConditionTrue, ReasonUntrustedImageRunning,
 			[]string{"7 running images", "reg.example/a:1", "reg.example/e:1", "and 2 more"},

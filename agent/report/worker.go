@@ -5,7 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"math"
 	"sort"
 	"strings"
 	"time"
@@ -14,8 +14,10 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/tools/record"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/status"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
@@ -40,22 +42,19 @@ type worker struct {
 	// The node, fetched once: its UID for events, and the condition and
 	// taint it carried before this Run, so a restart neither re-stamps
 	// lastTransitionTime nor drops the quarantine.
-	nodeKnown  bool
-	nodeUID    types.UID
-	getFail    int
-	getRetryAt time.Time
+	nodeKnown bool
+	nodeUID   types.UID
+	getRetry  retrier
 
 	desired      *cond     // what the condition should be; nil until known
 	desiredSince time.Time // its lastTransitionTime
 	written      *cond     // what the node carries as far as we know
 	heartbeatAt  time.Time // lastHeartbeatTime of written
-	condFail     int
-	condRetryAt  time.Time
+	condRetry    retrier
 
 	taintOn        *bool // whether the node carries the taint, nil: unknown
 	taintCheckedAt time.Time
-	taintFail      int
-	taintRetryAt   time.Time
+	taintRetry     retrier
 	held           bool      // the guard holds the taint back
 	heldRetryAt    time.Time // when the guard looks again
 }
@@ -81,7 +80,7 @@ func (w *worker) sync(ctx context.Context) time.Time {
 	}
 	now := w.r.opts.clock.Now()
 	imgs, have, evs := w.r.take()
-	if !w.nodeKnown && !now.Before(w.getRetryAt) {
+	if !w.nodeKnown && !w.getRetry.waiting(now) {
 		w.fetchNode(ctx, now)
 	}
 	for _, e := range evs {
@@ -97,7 +96,7 @@ func (w *worker) sync(ctx context.Context) time.Time {
 	}
 	w.sent, w.suppressed = 0, 0
 	if !w.nodeKnown {
-		return w.getRetryAt
+		return w.getRetry.at
 	}
 	if !have {
 		return time.Time{}
@@ -127,12 +126,11 @@ func (w *worker) fetchNode(ctx context.Context, now time.Time) {
 		if ctx.Err() != nil {
 			return // shutting down
 		}
-		w.getFail++
-		w.getRetryAt = now.Add(backoff(w.getFail))
-		w.r.log.Warn("cannot get the node; retrying", "node", w.r.node, "retryIn", w.getRetryAt.Sub(now), "err", err)
+		w.r.log.Warn("cannot get the node; retrying", "node", w.r.node, "retryIn", w.getRetry.failed(now), "err", err)
 		return
 	}
-	w.nodeKnown, w.getFail, w.nodeUID = true, 0, node.UID
+	w.getRetry.succeeded()
+	w.nodeKnown, w.nodeUID = true, node.UID
 	for _, c := range node.Status.Conditions {
 		if c.Type != ConditionType || !w.o.condition {
 			continue
@@ -164,7 +162,7 @@ func (w *worker) getNode(ctx context.Context) (*corev1.Node, error) {
 // decide computes the desired condition. It never goes from True to False
 // while a running image is still pending: an undecided image must not lift
 // the quarantine (after a restart every verdict starts pending).
-func (w *worker) decide(imgs []status.Image, now time.Time) {
+func (w *worker) decide(imgs []nodestate.Image, now time.Time) {
 	c, pendingRunning := desiredCondition(imgs)
 	if c.status == corev1.ConditionFalse && pendingRunning && w.desired != nil && w.desired.status == corev1.ConditionTrue {
 		return
@@ -177,33 +175,34 @@ func (w *worker) decide(imgs []status.Image, now time.Time) {
 
 // desiredCondition derives the UntrustedImage condition from the images, and
 // whether any running image is still pending.
-func desiredCondition(imgs []status.Image) (c cond, pendingRunning bool) {
+func desiredCondition(imgs []nodestate.Image) (c cond, pendingRunning bool) {
 	type bad struct {
 		name, digest, what string
 		untrusted          bool
 	}
 	var bads []bad
 	anyUntrusted := false
-	for _, im := range imgs {
-		if im.RunningContainers <= 0 {
+	for i := range imgs {
+		im := &imgs[i]
+		if im.Running <= 0 {
 			continue
 		}
-		if im.Verdict == verdict.Pending {
+		if im.Result.Verdict == verdict.Pending {
 			pendingRunning = true
 		}
 		var what []string
-		u := im.Verdict == verdict.Unverified || im.Verdict == verdict.Untrusted
+		u := im.Result.Verdict == verdict.Unverified || im.Result.Verdict == verdict.Untrusted
 		if u {
-			what = append(what, string(im.Verdict)+"/"+orUnknown(im.Reason))
+			what = append(what, string(im.Result.Verdict)+"/"+orUnknown(im.Result.Reason))
 		}
-		if im.Drifted {
+		if im.Drifted() {
 			what = append(what, "drifted")
 		}
 		if len(what) == 0 {
 			continue
 		}
 		anyUntrusted = anyUntrusted || u
-		bads = append(bads, bad{im.Image, im.Digest, strings.Join(what, ","), u})
+		bads = append(bads, bad{im.Name, im.Digest, strings.Join(what, ","), u})
 	}
 	if len(bads) == 0 {
 		return cond{corev1.ConditionFalse, ReasonImagesTrusted, conditionMessageTrusted}, pendingRunning
@@ -249,24 +248,23 @@ func (w *worker) syncCondition(ctx context.Context, now time.Time) {
 	if !changed && now.Before(w.heartbeatAt.Add(w.r.opts.heartbeat)) {
 		return
 	}
-	if w.condFail > 0 && now.Before(w.condRetryAt) {
+	if w.condRetry.waiting(now) {
 		return
 	}
 	if err := w.patchCondition(ctx, d, now); err != nil {
 		if ctx.Err() != nil {
 			return // shutting down
 		}
-		w.condFail++
-		w.condRetryAt = now.Add(backoff(w.condFail))
 		w.r.log.Warn("cannot write the node condition; retrying", "node", w.r.node, "condition", ConditionType,
-			"status", d.status, "reason", d.reason, "retryIn", w.condRetryAt.Sub(now), "err", err)
+			"status", d.status, "reason", d.reason, "retryIn", w.condRetry.failed(now), "err", err)
 		return
 	}
 	if changed {
 		w.r.log.Info("node condition", "node", w.r.node, "condition", ConditionType, "status", d.status,
 			"reason", d.reason, "message", d.message)
 	}
-	w.condFail, w.written, w.heartbeatAt = 0, &d, now
+	w.condRetry.succeeded()
+	w.written, w.heartbeatAt = &d, now
 }
 
 func (w *worker) patchCondition(ctx context.Context, d cond, now time.Time) error {
@@ -294,7 +292,7 @@ func (w *worker) syncTaint(ctx context.Context, now time.Time, want bool) {
 	if w.taintOn != nil && *w.taintOn == want && now.Before(w.taintCheckedAt.Add(w.r.opts.heartbeat)) {
 		return
 	}
-	if w.taintFail > 0 && now.Before(w.taintRetryAt) {
+	if w.taintRetry.waiting(now) {
 		return
 	}
 	if want && w.held && now.Before(w.heldRetryAt) {
@@ -305,23 +303,23 @@ func (w *worker) syncTaint(ctx context.Context, now time.Time, want bool) {
 		// Not a failure: re-check soon, the other nodes may recover.
 		w.setHeld(true, held.Error())
 		off := false
-		w.taintOn, w.taintCheckedAt, w.taintFail, w.heldRetryAt = &off, now, 0, now.Add(holdRecheck)
+		w.taintRetry.succeeded()
+		w.taintOn, w.taintCheckedAt, w.heldRetryAt = &off, now, now.Add(holdRecheck)
 		return
 	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return // shutting down
 		}
-		w.taintFail++
-		w.taintRetryAt = now.Add(backoff(w.taintFail))
 		w.r.log.Warn("cannot update the quarantine taint; retrying", "node", w.r.node, "taint", TaintKey,
-			"want", want, "retryIn", w.taintRetryAt.Sub(now), "err", err)
+			"want", want, "retryIn", w.taintRetry.failed(now), "err", err)
 		return
 	}
 	if changed {
 		w.r.log.Info("quarantine taint", "node", w.r.node, "taint", TaintKey+"="+TaintValue+":"+string(TaintEffect), "on", want)
 	}
-	w.taintFail, w.taintOn, w.taintCheckedAt = 0, &want, now
+	w.taintRetry.succeeded()
+	w.taintOn, w.taintCheckedAt = &want, now
 	if want {
 		w.setHeld(false, "")
 	}
@@ -411,15 +409,15 @@ func (w *worker) nextDeadline() time.Time {
 		}
 	}
 	if w.o.condition {
-		if w.condFail > 0 {
-			at(w.condRetryAt)
+		if w.condRetry.fails > 0 {
+			at(w.condRetry.at)
 		} else if w.written != nil {
 			at(w.heartbeatAt.Add(w.r.opts.heartbeat))
 		}
 	}
 	switch {
-	case w.taintFail > 0 && (w.o.taint || w.taintOn == nil || *w.taintOn):
-		at(w.taintRetryAt)
+	case w.taintRetry.fails > 0 && (w.o.taint || w.taintOn == nil || *w.taintOn):
+		at(w.taintRetry.at)
 	case w.o.taint && w.held:
 		at(w.heldRetryAt)
 	case w.o.taint && w.taintOn != nil:
@@ -428,13 +426,28 @@ func (w *worker) nextDeadline() time.Time {
 	return next
 }
 
-// backoff is retryBase*2^(failures-1), capped at retryMax, with ±20% jitter
-// so that a fleet does not retry in step after an API server outage.
-func backoff(failures int) time.Duration {
-	d := retryBase
-	for i := 1; i < failures && d < retryMax; i++ {
-		d *= 2
-	}
-	d = min(d, retryMax)
-	return d + time.Duration(rand.Int64N(int64(d)/5+1)) - d/10
+// retrier holds the consecutive failures of one kind of API write and when
+// to try again: retryBase, doubling up to retryMax, each wait plus up to 10%
+// jitter so that a fleet does not retry in step after an API server outage.
+type retrier struct {
+	fails   int
+	at      time.Time // the next attempt, after a failure
+	backoff wait.Backoff
 }
+
+// failed records a failure at now and returns how long until the next attempt.
+func (r *retrier) failed(now time.Time) time.Duration {
+	if r.fails == 0 {
+		r.backoff = wait.Backoff{Duration: retryBase, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: retryMax}
+	}
+	r.fails++
+	d := r.backoff.Step()
+	r.at = now.Add(d)
+	return d
+}
+
+// succeeded ends a run of failures: the next failure waits retryBase again.
+func (r *retrier) succeeded() { r.fails = 0 }
+
+// waiting reports whether a failure's wait is not over at now.
+func (r *retrier) waiting(now time.Time) bool { return r.fails > 0 && now.Before(r.at) }

@@ -1,5 +1,6 @@
 // Package status serves the node's images and verdicts as JSON on
-// GET /v1/images and reads them back for `pinwarden status`.
+// GET /v1/images and reads them back for `pinwarden status`. The JSON is a
+// view of the node state (agent/nodestate), never an input of anything else.
 package status
 
 import (
@@ -17,6 +18,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
@@ -38,10 +40,40 @@ type Image struct {
 	Policy            string          `json:"policy,omitempty"`
 }
 
-// Source provides the current images. Implementations must be safe for
-// concurrent use and return a slice the caller may keep.
+// FromNode is the status view of one image of the node state.
+func FromNode(im *nodestate.Image) Image {
+	out := Image{
+		Image: im.Name, Tags: nonNil(im.Tags), Digest: im.Digest, ImageID: im.ImageID,
+		Verdict: im.Result.Verdict, Reason: im.Result.Reason, Drifted: im.Drifted(), PinnedDigest: im.PinnedDigest(),
+		RunningContainers: im.Running, Pods: nonNil(im.Pods), Signers: nonNil(im.Result.Signers),
+		Source: im.Result.Source, Policy: im.Result.Policy,
+	}
+	if at := im.Result.VerifiedAt; !at.IsZero() {
+		out.VerifiedAt = &at
+	}
+	return out
+}
+
+// FromState is the status view of a node state, one Image per digest.
+func FromState(st *nodestate.State) []Image {
+	out := make([]Image, len(st.Images))
+	for i := range st.Images {
+		out[i] = FromNode(&st.Images[i])
+	}
+	return out
+}
+
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+// Source provides the current node state. Implementations must be safe for
+// concurrent use; the state is shared and never modified.
 type Source interface {
-	Images() []Image
+	State() *nodestate.State
 }
 
 // Path is the API path of the image list.
@@ -51,9 +83,9 @@ const Path = "/v1/images"
 func Handler(src Source) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+Path, func(w http.ResponseWriter, _ *http.Request) {
-		imgs := src.Images()
-		if imgs == nil {
-			imgs = []Image{}
+		var imgs []nodestate.Image
+		if st := src.State(); st != nil {
+			imgs = st.Images
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = writeJSON(w, imgs) // the client went away; nothing to do
@@ -61,11 +93,11 @@ func Handler(src Source) http.Handler {
 	return mux
 }
 
-// writeJSON writes imgs exactly as a json.Encoder with SetIndent("", "  ")
-// would, one image at a time: encoding 10,000 images at once would build
-// the whole document in memory twice (encoding, then indenting), megabytes
-// of garbage per request.
-func writeJSON(w io.Writer, imgs []Image) error {
+// writeJSON writes the status view of imgs exactly as a json.Encoder with
+// SetIndent("", "  ") would write FromState's slice, one image at a time:
+// encoding 10,000 images at once would build the whole document in memory
+// twice (encoding, then indenting), megabytes of garbage per request.
+func writeJSON(w io.Writer, imgs []nodestate.Image) error {
 	if len(imgs) == 0 {
 		_, err := io.WriteString(w, "[]\n")
 		return err
@@ -77,7 +109,8 @@ func writeJSON(w io.Writer, imgs []Image) error {
 	bw.WriteString("[\n")
 	for i := range imgs {
 		buf.Reset()
-		if err := enc.Encode(&imgs[i]); err != nil {
+		im := FromNode(&imgs[i])
+		if err := enc.Encode(&im); err != nil {
 			return fmt.Errorf("encode image: %w", err)
 		}
 		bw.WriteString("  ")
@@ -166,18 +199,13 @@ func truncate(s string, n int) string {
 	return string(r[:n-1]) + "…"
 }
 
-// verdictRank orders verdicts for reading: the ones to act on first.
-var verdictRank = map[verdict.Verdict]int{
-	verdict.Untrusted: 0, verdict.Unverified: 1, verdict.Pending: 2, verdict.Verified: 3, verdict.Ignored: 4,
-}
-
 // worstFirst returns imgs sorted for a person: worst verdict first, drifted
 // before clean within a verdict, running before idle, then by image and digest.
 func worstFirst(imgs []Image) []Image {
 	out := slices.Clone(imgs)
 	slices.SortStableFunc(out, func(a, b Image) int {
 		return cmp.Or(
-			cmp.Compare(verdictRank[a.Verdict], verdictRank[b.Verdict]),
+			-cmp.Compare(verdict.Severity(a.Verdict), verdict.Severity(b.Verdict)),
 			-cmp.Compare(boolInt(a.Drifted), boolInt(b.Drifted)),
 			-cmp.Compare(min(a.RunningContainers, 1), min(b.RunningContainers, 1)),
 			strings.Compare(a.Image, b.Image),

@@ -12,29 +12,33 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/pinwarden/pinwarden/agent/nodestate"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 )
 
-type staticSource []Image
+type staticSource struct{ st *nodestate.State }
 
-func (s staticSource) Images() []Image { return s }
+func (s staticSource) State() *nodestate.State { return s.st }
 
-func sample() []Image {
+func sampleState() *nodestate.State {
 	at := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
-	return []Image{
-		{Image: "registry.example.com/shop/api:v2.1", Tags: []string{"registry.example.com/shop/api:v2.1"},
+	worker := "registry.example.com/a/very/long/repository/path/that/never/ends/worker:v1"
+	return &nodestate.State{Images: []nodestate.Image{
+		{Name: "registry.example.com/shop/api:v2.1", Tags: []string{"registry.example.com/shop/api:v2.1"},
 			Digest: "sha256:" + strings.Repeat("a", 64), ImageID: "sha256:" + strings.Repeat("c", 64),
-			Verdict: verdict.Verified, Signers: []string{"sha256:abc"}, VerifiedAt: &at, Source: verdict.SourceRegistry,
-			RunningContainers: 2, Pods: []string{"shop/api-1", "shop/api-2"}},
-		{Image: "registry.example.com/a/very/long/repository/path/that/never/ends/worker:v1",
-			Digest: "sha256:" + strings.Repeat("b", 64), Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature,
-			Drifted: true, PinnedDigest: "sha256:" + strings.Repeat("d", 64)},
-	}
+			Result:  verdict.Result{Verdict: verdict.Verified, Signers: []string{"sha256:abc"}, VerifiedAt: at, Source: verdict.SourceRegistry},
+			Running: 2, Pods: []string{"shop/api-1", "shop/api-2"}},
+		{Name: worker, Tags: []string{worker}, Digest: "sha256:" + strings.Repeat("b", 64),
+			Result: verdict.Result{Verdict: verdict.Unverified, Reason: verdict.ReasonNoSignature},
+			Pins:   []nodestate.TagPin{{Tag: worker, Digest: "sha256:" + strings.Repeat("d", 64)}}},
+	}}
 }
+
+func sample() []Image { return FromState(sampleState()) }
 
 func TestRoundTrip(t *testing.T) {
 	t.Parallel()
-	srv := httptest.NewServer(Handler(staticSource(sample())))
+	srv := httptest.NewServer(Handler(staticSource{sampleState()}))
 	defer srv.Close()
 	got, err := Fetch(t.Context(), srv.Client(), strings.TrimPrefix(srv.URL, "http://"))
 	if err != nil {
@@ -51,7 +55,7 @@ func TestRoundTrip(t *testing.T) {
 func TestEmptyListIsArray(t *testing.T) {
 	t.Parallel()
 	rec := httptest.NewRecorder()
-	Handler(staticSource(nil)).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, Path, nil))
+	Handler(staticSource{nil}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, Path, nil))
 	if strings.TrimSpace(rec.Body.String()) != "[]" {
 		t.Fatalf("body = %q, want []", rec.Body.String())
 	}
@@ -94,14 +98,14 @@ func TestTableFits80Columns(t *testing.T) {
 func TestWriteJSONMatchesEncoder(t *testing.T) {
 	t.Parallel()
 	at := time.Date(2026, 1, 2, 3, 4, 5, 6, time.UTC)
-	full := Image{Image: "r.io/a:1<&>", Tags: []string{"r.io/a:1<&>", "r.io/a:2"}, Digest: "sha256:aa", ImageID: "sha256:bb",
-		Verdict: verdict.Verified, Reason: "", Drifted: true, PinnedDigest: "sha256:cc", RunningContainers: 2,
-		Pods: []string{"ns/p"}, Signers: []string{"k"}, VerifiedAt: &at, Source: verdict.SourceCache, Policy: "p"}
-	for _, imgs := range [][]Image{{}, {full}, {full, {Image: "x", Tags: []string{}, Pods: []string{}, Signers: []string{}}, full}} {
+	full := nodestate.Image{Name: "r.io/a:1<&>", Tags: []string{"r.io/a:1<&>", "r.io/a:2"}, Digest: "sha256:aa", ImageID: "sha256:bb",
+		Result:  verdict.Result{Verdict: verdict.Verified, Signers: []string{"k"}, VerifiedAt: at, Source: verdict.SourceCache, Policy: "p"},
+		Running: 2, Pods: []string{"ns/p"}, Pins: []nodestate.TagPin{{Tag: "r.io/a:2", Digest: "sha256:cc"}}}
+	for _, imgs := range [][]nodestate.Image{{}, {full}, {full, {Name: "x"}, full}} {
 		var want, got bytes.Buffer
 		enc := json.NewEncoder(&want)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(imgs); err != nil {
+		if err := enc.Encode(FromState(&nodestate.State{Images: imgs})); err != nil {
 			t.Fatal(err)
 		}
 		if err := writeJSON(&got, imgs); err != nil {
@@ -142,5 +146,48 @@ func TestTableWorstFirst(t *testing.T) {
 	}
 	if in[0].Image != "r/ok" {
 		t.Error("WriteTable reordered its input")
+	}
+}
+
+// TestStatusJSONView: the /v1/images object of a node-state image, byte for
+// byte: every field of the CONTRACT in its order, empty lists as [], a
+// never-judged image's verifiedAt as null, drift from its pinned tags.
+func TestStatusJSONView(t *testing.T) {
+	t.Parallel()
+	at := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	tests := []struct {
+		name string
+		img  nodestate.Image
+		want string
+	}{
+		{"verified, running, signed",
+			nodestate.Image{Name: "r.io/a:v1", Tags: []string{"r.io/a:v1"}, Digest: "sha256:1", ImageID: "sha256:11",
+				Result:  verdict.Result{Verdict: verdict.Verified, Policy: "p", Signers: []string{"k"}, VerifiedAt: at, Source: verdict.SourceCache, Detail: "not shown", Fingerprint: "not shown"},
+				Running: 4, Pods: []string{"a/p1", "b/p2"}},
+			`{"image":"r.io/a:v1","tags":["r.io/a:v1"],"digest":"sha256:1","imageID":"sha256:11","verdict":"verified","reason":"","drifted":false,"pinnedDigest":"","runningContainers":4,"pods":["a/p1","b/p2"],"signers":["k"],"verifiedAt":"2026-01-02T03:04:05Z","source":"cache","policy":"p"}`},
+		{"queued, no tags",
+			nodestate.Image{Name: "r.io/b", Digest: "sha256:2", Result: verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonQueued}},
+			`{"image":"r.io/b","tags":[],"digest":"sha256:2","imageID":"","verdict":"pending","reason":"queued","drifted":false,"pinnedDigest":"","runningContainers":0,"pods":[],"signers":[],"verifiedAt":null,"source":""}`},
+		{"drifted pinned tag",
+			nodestate.Image{Name: "r.io/d:v1", Tags: []string{"r.io/d:v1", "r.io/d:v2"}, Digest: "sha256:4",
+				Result: verdict.Result{Verdict: verdict.Verified, VerifiedAt: at},
+				Pins:   []nodestate.TagPin{{Tag: "r.io/d:v2", Digest: "sha256:44"}}},
+			`{"image":"r.io/d:v1","tags":["r.io/d:v1","r.io/d:v2"],"digest":"sha256:4","imageID":"","verdict":"verified","reason":"","drifted":true,"pinnedDigest":"sha256:44","runningContainers":0,"pods":[],"signers":[],"verifiedAt":"2026-01-02T03:04:05Z","source":""}`},
+		{"pinned and matching",
+			nodestate.Image{Name: "r.io/e:v1", Tags: []string{"r.io/e:v1"}, Digest: "sha256:5",
+				Result: verdict.Result{Verdict: verdict.Ignored}, Pins: []nodestate.TagPin{{Tag: "r.io/e:v1", Digest: "sha256:5"}}},
+			`{"image":"r.io/e:v1","tags":["r.io/e:v1"],"digest":"sha256:5","imageID":"","verdict":"ignored","reason":"","drifted":false,"pinnedDigest":"sha256:5","runningContainers":0,"pods":[],"signers":[],"verifiedAt":null,"source":""}`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			got, err := json.Marshal(FromNode(&tt.img))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != tt.want {
+				t.Errorf("got\n%s\nwant\n%s", got, tt.want)
+			}
+		})
 	}
 }

@@ -1,5 +1,7 @@
 // Package verdict holds the vocabulary shared by every part of pinwarden that
-// judges or reports an image digest: verdicts, reasons and the Result record.
+// judges or reports an image digest: verdicts and their order, reasons, the
+// Kubernetes event reasons and the Result record. Each of them is written
+// here once.
 package verdict
 
 import "time"
@@ -36,6 +38,41 @@ const (
 	ReasonQueued              = "queued"
 	ReasonRegistryUnreachable = "registry-unreachable"
 	ReasonRegistryError       = "registry-error"
+	// drifted: the reason of a drifted problem (beside the verdict)
+	ReasonPinMismatch = "pin-mismatch"
+)
+
+// Severity orders verdicts from best to worst: ignored, verified, pending,
+// unverified, untrusted. An unknown verdict ranks as pending (undecided).
+// The worst verdict over an image's repositories wins, and tables and
+// capped metric series list the worst first.
+func Severity(v Verdict) int {
+	switch v {
+	case Ignored:
+		return 0
+	case Verified:
+		return 1
+	case Unverified:
+		return 3
+	case Untrusted:
+		return 4
+	}
+	return 2 // Pending and anything unknown
+}
+
+// Kubernetes event types and reasons of the CONTRACT, shared by the
+// reporter and the prefetcher (which does not import client-go). The types
+// are those of corev1.EventTypeNormal and corev1.EventTypeWarning.
+const (
+	EventTypeNormal  = "Normal"
+	EventTypeWarning = "Warning"
+
+	EventImageUnverified     = "ImageUnverified"
+	EventImageUntrusted      = "ImageUntrusted"
+	EventImageDrifted        = "ImageDrifted"
+	EventImagePrefetchFailed = "ImagePrefetchFailed"
+	EventImagePrefetched     = "ImagePrefetched"
+	EventConfigInvalid       = "ConfigInvalid"
 )
 
 // Source tells where a Result came from.

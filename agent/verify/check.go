@@ -9,6 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -109,6 +111,19 @@ func keylessOpts(p *policy.Policy, id policy.Identity) *cosign.CheckOpts {
 	}
 }
 
+// keySigner names the actual signer behind a key signature.
+func keySigner(k policy.Key) string { return "key " + k.ID }
+
+// certSigner names the actual signer behind a certificate: its OIDC issuer
+// and all its SANs, so that one certificate counts as one signer however
+// many identities it satisfies.
+func certSigner(cert *x509.Certificate) string {
+	ext, _ := certificate.ParseExtensions(cert.Extensions)
+	sans := cryptoutils.GetSubjectAlternateNames(cert)
+	slices.Sort(sans)
+	return "cert " + ext.Issuer + "\x00" + strings.Join(sans, "\x00")
+}
+
 func (v *Verifier) checkLegacy(ctx context.Context, p *policy.Policy, s legacySig, d name.Digest, t *tally) {
 	t.seen++
 	if s.bad != nil {
@@ -121,18 +136,32 @@ func (v *Verifier) checkLegacy(ctx context.Context, p *policy.Policy, s legacySi
 		return
 	}
 	for i, k := range p.Keys {
-		if _, done := t.success[i]; done {
+		if t.has(keySigner(k), i) {
 			continue
 		}
 		if _, err := cosign.VerifyImageSignature(ctx, s.sig, h, keyOpts(p, k)); err != nil {
 			t.fail(diagnoseKey(p, k, s.sig, err))
 			continue
 		}
-		t.ok(i, k.ID)
+		t.ok(keySigner(k), i, k.ID)
 	}
+	if len(p.Identities) == 0 {
+		return
+	}
+	cert, err := s.sig.Cert()
+	if err != nil || cert == nil {
+		t.fail(failure(verdict.ReasonInvalidSignature, "no usable certificate on signature (want %s)", p.Identities[0]))
+		return
+	}
+	who := certSigner(cert)
 	for j, id := range p.Identities {
 		idx := len(p.Keys) + j
-		if _, done := t.success[idx]; done {
+		if t.has(who, idx) {
+			continue
+		}
+		label, fe := identityMatches(id, cert)
+		if fe != nil {
+			t.fail(fe)
 			continue
 		}
 		_, err := cosign.VerifyImageSignature(ctx, s.sig, h, keylessOpts(p, id))
@@ -143,12 +172,7 @@ func (v *Verifier) checkLegacy(ctx context.Context, p *policy.Policy, s legacySi
 			t.fail(diagnoseKeyless(id, s.sig, err))
 			continue
 		}
-		label, err := certLabel(s.sig)
-		if err != nil {
-			t.fail(failure(verdict.ReasonInvalidSignature, "%w", err))
-			continue
-		}
-		t.ok(idx, label)
+		t.ok(who, idx, label)
 	}
 }
 
@@ -184,7 +208,7 @@ func diagnoseKeyless(id policy.Identity, sig oci.Signature, err error) *FailureE
 	if cerr != nil || cert == nil {
 		return failure(verdict.ReasonInvalidSignature, "no usable certificate on signature (want %s)", id)
 	}
-	if ferr := identityMatches(id, cert); ferr != nil {
+	if _, ferr := identityMatches(id, cert); ferr != nil {
 		return ferr
 	}
 	if b, berr := sig.Bundle(); berr == nil && b == nil {
@@ -193,28 +217,22 @@ func diagnoseKeyless(id policy.Identity, sig oci.Signature, err error) *FailureE
 	return &FailureError{Reason: verdict.ReasonInvalidSignature, Err: fmt.Errorf("identity %s: %w", id, err)}
 }
 
-func identityMatches(id policy.Identity, cert *x509.Certificate) *FailureError {
-	sum, err := certificate.SummarizeCertificate(cert)
+// identityMatches checks a certificate against a keyless identity: the
+// OIDC issuer exactly, the subject against every SAN of the certificate (as
+// cosign does; sigstore-go looks at the first SAN only). It returns the
+// label of the signer: the issuer and the SAN that matched.
+func identityMatches(id policy.Identity, cert *x509.Certificate) (string, *FailureError) {
+	ext, err := certificate.ParseExtensions(cert.Extensions)
 	if err != nil {
-		return failure(verdict.ReasonInvalidSignature, "certificate: %w", err)
+		return "", failure(verdict.ReasonInvalidSignature, "certificate: %w", err)
 	}
-	if !id.Matches(sum.Extensions.Issuer, sum.SubjectAlternativeName) {
-		return failure(verdict.ReasonIdentityMismatch, "certificate identity %q %q does not match %s",
-			sum.Extensions.Issuer, sum.SubjectAlternativeName, id)
+	sans := cryptoutils.GetSubjectAlternateNames(cert)
+	for _, san := range sans {
+		if id.Matches(ext.Issuer, san) {
+			return ext.Issuer + " " + san, nil
+		}
 	}
-	return nil
-}
-
-func certLabel(sig oci.Signature) (string, error) {
-	cert, err := sig.Cert()
-	if err != nil || cert == nil {
-		return "", fmt.Errorf("no certificate: %w", err)
-	}
-	sum, err := certificate.SummarizeCertificate(cert)
-	if err != nil {
-		return "", fmt.Errorf("certificate: %w", err)
-	}
-	return sum.Extensions.Issuer + " " + sum.SubjectAlternativeName, nil
+	return "", failure(verdict.ReasonIdentityMismatch, "certificate identity %q %q does not match %s", ext.Issuer, sans, id)
 }
 
 // chainValidAtLogTime re-verifies the leaf's chain at the transparency-log
@@ -275,40 +293,54 @@ func (v *Verifier) checkBundle(ctx context.Context, p *policy.Policy, sb sigBund
 		return nil
 	}
 	for i, k := range p.Keys {
-		if _, done := t.success[i]; done {
+		if t.has(keySigner(k), i) {
 			continue
 		}
 		if fe := check(keyOpts(p, k)); fe != nil {
 			t.fail(fe)
 			continue
 		}
-		t.ok(i, k.ID)
+		t.ok(keySigner(k), i, k.ID)
 	}
+	if len(p.Identities) == 0 {
+		return
+	}
+	vc, err := sb.b.VerificationContent()
+	if err != nil || vc.Certificate() == nil {
+		t.fail(failure(verdict.ReasonInvalidSignature, "bundle has no certificate (want %s)", p.Identities[0]))
+		return
+	}
+	cert := vc.Certificate()
+	who := certSigner(cert)
 	for j, id := range p.Identities {
 		idx := len(p.Keys) + j
-		if _, done := t.success[idx]; done {
+		if t.has(who, idx) {
 			continue
 		}
-		vc, err := sb.b.VerificationContent()
-		if err != nil || vc.Certificate() == nil {
-			t.fail(failure(verdict.ReasonInvalidSignature, "bundle has no certificate (want %s)", id))
-			continue
-		}
-		if fe := identityMatches(id, vc.Certificate()); fe != nil {
+		// The identity is matched here, on every SAN, exactly as in the
+		// legacy path; sigstore-go then checks the issuer, the chain, the
+		// log entry and the signature (bundleOpts).
+		label, fe := identityMatches(id, cert)
+		if fe != nil {
 			t.fail(fe)
 			continue
 		}
-		if fe := check(keylessOpts(p, id)); fe != nil {
+		if fe := check(keylessBundleOpts(p, id)); fe != nil {
 			t.fail(fe)
 			continue
 		}
-		sum, err := certificate.SummarizeCertificate(vc.Certificate())
-		if err != nil {
-			t.fail(failure(verdict.ReasonInvalidSignature, "certificate: %w", err))
-			continue
-		}
-		t.ok(idx, sum.Extensions.Issuer+" "+sum.SubjectAlternativeName)
+		t.ok(who, idx, label)
 	}
+}
+
+// keylessBundleOpts are keylessOpts for sigstore-go, which compares the
+// subject with the certificate's first SAN only: the subject matcher
+// accepts any SAN, because identityMatches already required one SAN to
+// match id. The issuer is still compared exactly.
+func keylessBundleOpts(p *policy.Policy, id policy.Identity) *cosign.CheckOpts {
+	co := keylessOpts(p, id)
+	co.Identities = []cosign.Identity{{Issuer: id.Issuer, SubjectRegExp: "^.*$"}}
+	return co
 }
 
 // bundleDigestMismatch checks what the bundle says it signed: a cosign

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"regexp"
+	"strings"
 	"syscall"
 
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
@@ -61,9 +63,50 @@ func classifyFetch(what string, err error) error {
 	case errors.As(err, &fe), errors.As(err, &re):
 		return err
 	case errors.Is(err, ErrTooLarge):
-		return &FailureError{Reason: verdict.ReasonTooLarge, Err: fmt.Errorf("%s: %w", what, err)}
+		return &FailureError{Reason: verdict.ReasonTooLarge, Err: redacted(fmt.Errorf("%s: %w", what, err))}
 	}
-	return &RegistryError{Unreachable: isUnreachable(err), Err: fmt.Errorf("%s: %w", what, err)}
+	return &RegistryError{Unreachable: isUnreachable(err), Err: redacted(fmt.Errorf("%s: %w", what, err))}
+}
+
+// redactedError hides the query strings and user info of every URL in the
+// text of the error it wraps; errors.Is and errors.As still see the chain.
+// Registry errors quote the URLs they failed on (net/http's url.Error quotes
+// them whole) and a redirect may have led to a pre-signed URL whose query
+// is a credential: go-containerregistry only redacts the URLs of blobs.
+type redactedError struct{ err error }
+
+func (e redactedError) Error() string { return redactURLs(e.err.Error()) }
+func (e redactedError) Unwrap() error { return e.err }
+
+func redacted(err error) error {
+	if err == nil {
+		return nil
+	}
+	return redactedError{err}
+}
+
+// urlInText finds URLs in error text: a scheme, "://", then anything up to
+// whitespace or a quote.
+var urlInText = regexp.MustCompile(`[A-Za-z][A-Za-z0-9+.-]*://[^\s"'<>]+`)
+
+// redactURLs drops the user info, query and fragment of every URL in s,
+// marking where a query was.
+func redactURLs(s string) string {
+	return urlInText.ReplaceAllStringFunc(s, func(u string) string {
+		scheme, rest, _ := strings.Cut(u, "://")
+		authEnd := strings.IndexAny(rest, "/?#")
+		if authEnd < 0 {
+			authEnd = len(rest)
+		}
+		if at := strings.LastIndex(rest[:authEnd], "@"); at >= 0 {
+			rest = rest[at+1:]
+		}
+		query := ""
+		if i := strings.IndexAny(rest, "?#"); i >= 0 {
+			rest, query = rest[:i], "?REDACTED"
+		}
+		return scheme + "://" + rest + query
+	})
 }
 
 // isUnreachable reports network-level failures: dial errors, DNS failures,
@@ -76,6 +119,11 @@ func isUnreachable(err error) bool {
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, syscall.ECONNREFUSED) ||
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, syscall.ENETUNREACH) {
 		return true
+	}
+	if errors.Is(err, errRefused) {
+		// Only a request pinwarden refused (a redirect loop): the registry
+		// answered, it is not unreachable.
+		return false
 	}
 	var ne net.Error
 	if errors.As(err, &ne) {

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -72,39 +73,43 @@ func parseImageManifest(desc *remote.Descriptor) (*v1.Manifest, error) {
 	return m, nil
 }
 
-// fetchLegacy reads the "sha256-<hex>.sig" manifest of d and its layers,
-// refusing too many layers or too-large layers before reading any blob.
-func (v *Verifier) fetchLegacy(ctx context.Context, puller *remote.Puller, d name.Digest) ([]legacySig, error) {
+// eachLegacy reads the "sha256-<hex>.sig" manifest of d, refuses too many
+// or too-large layers before reading any blob, then reads the layers one at
+// a time and hands each to check, until check returns true (the threshold
+// is met). A layer is dropped before the next is read.
+func (v *Verifier) eachLegacy(ctx context.Context, puller *remote.Puller, d name.Digest, check func(legacySig) bool) error {
 	tag := d.Context().Tag(strings.Replace(d.DigestStr(), ":", "-", 1) + ".sig")
 	desc, err := puller.Get(ctx, tag)
 	if isNotFound(err) {
-		return nil, nil
+		return nil
 	}
 	if err != nil {
-		return nil, classifyFetch("signature manifest "+tag.String(), err)
+		return classifyFetch("signature manifest "+tag.String(), err)
 	}
 	m, err := parseImageManifest(desc)
 	if err != nil {
-		return nil, &RegistryError{Err: fmt.Errorf("signature manifest %s: %w", tag, err)}
+		return &RegistryError{Err: fmt.Errorf("signature manifest %s: %w", tag, err)}
 	}
 	if len(m.Layers) > v.opts.MaxSignatures {
-		return nil, tooLarge("%s has %d signature layers (limit %d)", tag, len(m.Layers), v.opts.MaxSignatures)
+		return tooLarge("%s has %d signature layers (limit %d)", tag, len(m.Layers), v.opts.MaxSignatures)
 	}
 	for _, l := range m.Layers {
 		if l.Size < 0 || l.Size > v.opts.MaxBlobSize {
-			return nil, tooLarge("signature layer %s claims %d bytes (limit %d)", l.Digest, l.Size, v.opts.MaxBlobSize)
+			return tooLarge("signature layer %s claims %d bytes (limit %d)", l.Digest, l.Size, v.opts.MaxBlobSize)
 		}
 	}
-	out := make([]legacySig, 0, len(m.Layers))
+	desc = nil // the manifest's bytes are no longer needed
 	for _, l := range m.Layers {
 		payload, err := v.fetchBlob(ctx, puller, d.Context(), l)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		sig, bad := buildSignature(payload, l.Annotations)
-		out = append(out, legacySig{sig: sig, bad: bad})
+		if check(legacySig{sig: sig, bad: bad}) {
+			return nil
+		}
 	}
-	return out, nil
+	return nil
 }
 
 // buildSignature turns a layer's payload and annotations into a cosign
@@ -148,6 +153,9 @@ func (v *Verifier) fetchBlob(ctx context.Context, puller *remote.Puller, repo na
 	if l.Digest.Algorithm != "sha256" {
 		return nil, &RegistryError{Err: fmt.Errorf("blob %s: unsupported digest algorithm", l.Digest)}
 	}
+	if b := budgetOf(ctx); !b.fits(l.Size) {
+		return nil, tooLarge("blob %s of %d bytes: one verification read more than %d bytes from registries", l.Digest, l.Size, b.limit)
+	}
 	layer, err := puller.Layer(ctx, repo.Digest(l.Digest.String()))
 	if err != nil {
 		return nil, classifyFetch("blob "+l.Digest.String(), err)
@@ -157,12 +165,18 @@ func (v *Verifier) fetchBlob(ctx context.Context, puller *remote.Puller, repo na
 		return nil, classifyFetch("blob "+l.Digest.String(), err)
 	}
 	defer rc.Close()
-	b, err := io.ReadAll(io.LimitReader(rc, l.Size+1))
-	if err != nil && int64(len(b)) != l.Size {
+	// One allocation of the size the descriptor gave (already capped), and
+	// a probe for one byte more.
+	b := make([]byte, l.Size)
+	if n, err := io.ReadFull(rc, b); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+			return nil, &RegistryError{Err: fmt.Errorf("blob %s: %d bytes, descriptor says %d", l.Digest, n, l.Size)}
+		}
 		return nil, classifyFetch("blob "+l.Digest.String(), err)
 	}
-	if int64(len(b)) != l.Size {
-		return nil, &RegistryError{Err: fmt.Errorf("blob %s: %d bytes, descriptor says %d", l.Digest, len(b), l.Size)}
+	var one [1]byte
+	if n, _ := io.ReadFull(rc, one[:]); n > 0 {
+		return nil, &RegistryError{Err: fmt.Errorf("blob %s: more bytes than the descriptor's %d", l.Digest, l.Size)}
 	}
 	sum := sha256.Sum256(b)
 	if hex.EncodeToString(sum[:]) != l.Digest.Hex {
@@ -177,20 +191,22 @@ type sigBundle struct {
 	bad *FailureError
 }
 
-// fetchBundles lists the referrers of d (Referrers API, or the
-// "sha256-<hex>" tag fallback) and reads every sigstore bundle among them,
-// within the count and size limits.
-func (v *Verifier) fetchBundles(ctx context.Context, puller *remote.Puller, d name.Digest) ([]sigBundle, error) {
+// eachBundle lists the referrers of d (Referrers API, or the
+// "sha256-<hex>" tag fallback), refuses too many bundle referrers, then
+// reads the sigstore bundles among them one at a time and hands each to
+// check, until check returns true. A bundle is dropped before the next is
+// read.
+func (v *Verifier) eachBundle(ctx context.Context, puller *remote.Puller, d name.Digest, check func(sigBundle) bool) error {
 	idx, err := remote.Referrers(d, remote.Reuse(puller), remote.WithContext(ctx))
 	if isNotFound(err) {
-		return nil, nil
+		return nil
 	}
 	if err != nil {
-		return nil, classifyFetch("referrers of "+d.String(), err)
+		return classifyFetch("referrers of "+d.String(), err)
 	}
 	im, err := idx.IndexManifest()
 	if err != nil {
-		return nil, classifyFetch("referrers of "+d.String(), err)
+		return classifyFetch("referrers of "+d.String(), err)
 	}
 	var cands []v1.Descriptor
 	for _, m := range im.Manifests {
@@ -199,17 +215,19 @@ func (v *Verifier) fetchBundles(ctx context.Context, puller *remote.Puller, d na
 		}
 	}
 	if len(cands) > v.opts.MaxReferrers {
-		return nil, tooLarge("%s has %d bundle referrers (limit %d)", d, len(cands), v.opts.MaxReferrers)
+		return tooLarge("%s has %d bundle referrers (limit %d)", d, len(cands), v.opts.MaxReferrers)
 	}
-	out := make([]sigBundle, 0, len(cands))
+	idx, im = nil, nil // the index's bytes are no longer needed
 	for _, c := range cands {
 		sb, err := v.fetchBundle(ctx, puller, d.Context(), c)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		out = append(out, sb)
+		if check(sb) {
+			return nil
+		}
 	}
-	return out, nil
+	return nil
 }
 
 // isBundleReferrer picks sigstore bundles out of a referrers list: by

@@ -18,6 +18,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/pinwarden/pinwarden/agent/anchor"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
@@ -28,13 +29,15 @@ import (
 type Options struct {
 	// Registries: insecure hosts and the docker config.json with credentials.
 	Registries config.Registries
-	// RequestTimeout bounds one HTTP request including its body (default 15s).
+	// RequestTimeout bounds one HTTP request including its body and all its
+	// redirect hops (at most 10) (default 15s).
 	RequestTimeout time.Duration
 	// VerifyTimeout bounds one Verify or Resolve call (default 2m).
 	VerifyTimeout time.Duration
 	// Retries on 429, 5xx and network errors (default 3; negative: none).
 	Retries int
-	// RetryBackoff is the first backoff step, doubled per attempt, with jitter (default 500ms).
+	// RetryBackoff is the first backoff step, doubled per attempt up to 5s,
+	// each step plus a random 0-50% of it (default 500ms).
 	RetryBackoff time.Duration
 	// MaxSignatures caps the layers of a .sig manifest (default 100).
 	MaxSignatures int
@@ -46,6 +49,11 @@ type Options struct {
 	// MaxResponseSize caps any registry response body, manifests and
 	// referrer indexes included (default 8 MiB).
 	MaxResponseSize int64
+	// MaxVerifyBytes caps what one verification reads from registries, all
+	// responses together; past it the verdict is unverified/too-large
+	// (default 4 x MaxResponseSize, 32 MiB). Signatures are read and checked
+	// one at a time, so memory stays near one response whatever this is.
+	MaxVerifyBytes int64
 	// RegistryQPS and RegistryBurst rate-limit requests per registry host
 	// (defaults: Registries.RequestsPerSecond and Registries.Burst, else 50/s
 	// and 100; a negative RegistryQPS disables the limit).
@@ -88,6 +96,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxResponseSize < o.MaxBlobSize {
 		o.MaxResponseSize = o.MaxBlobSize
+	}
+	if o.MaxVerifyBytes <= 0 {
+		o.MaxVerifyBytes = 4 * o.MaxResponseSize
 	}
 	if o.RegistryQPS == 0 {
 		o.RegistryQPS = o.Registries.RequestsPerSecond
@@ -158,8 +169,10 @@ func New(opts Options) (*Verifier, error) {
 		insecure[strings.ToLower(h)] = true
 	}
 	v := &Verifier{opts: opts, keychain: kc, insecure: insecure, log: opts.Logger}
+	next := opts.Transport
 	v.rt = &guardTransport{
-		next: opts.Transport, keychain: kc, insecure: insecure, timeout: opts.RequestTimeout,
+		transportFor: func(string) http.RoundTripper { return next },
+		creds:        kc, insecure: insecure, timeout: opts.RequestTimeout,
 		maxBody: opts.MaxResponseSize, retries: opts.Retries, backoff: opts.RetryBackoff, log: opts.Logger,
 		limits: &hostLimits{qps: rate.Limit(opts.RegistryQPS), burst: opts.RegistryBurst},
 	}
@@ -211,7 +224,10 @@ func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest st
 		res.Verdict, res.Signers = verdict.Verified, signers
 		return res
 	}
-	res.Detail = truncate(err.Error(), 1024)
+	// Error text can quote URLs (a redirect to a pre-signed URL): never
+	// their query or user info, in the result or the log.
+	msg := redactURLs(err.Error())
+	res.Detail = truncate(msg, 1024)
 	var fe *FailureError
 	var re *RegistryError
 	switch {
@@ -225,7 +241,7 @@ func (v *Verifier) Verify(ctx context.Context, p *policy.Policy, repo, digest st
 		res.Verdict, res.Reason = verdict.Pending, verdict.ReasonRegistryError
 	}
 	v.log.Debug("image not verified", "repo", repo, "digest", digest, "policy", p.Name,
-		"verdict", res.Verdict, "reason", res.Reason, "err", err)
+		"verdict", res.Verdict, "reason", res.Reason, "err", msg)
 	return res
 }
 
@@ -254,8 +270,10 @@ func checkPolicy(p *policy.Policy) error {
 		if id.Issuer == "" || (id.Subject == "" && id.SubjectRegExp == "") {
 			return fmt.Errorf("policy %q: keyless identity without issuer or subject", p.Name)
 		}
-		if id.SubjectRegExp != "" && (!strings.HasPrefix(id.SubjectRegExp, "^") || !strings.HasSuffix(id.SubjectRegExp, "$")) {
-			return fmt.Errorf("policy %q: identity regexp %q is not anchored", p.Name, id.SubjectRegExp)
+		if id.SubjectRegExp != "" {
+			if err := anchor.Check(id.SubjectRegExp); err != nil {
+				return fmt.Errorf("policy %q: identity regexp: %w", p.Name, err)
+			}
 		}
 	}
 	if len(p.Identities) > 0 && (!p.RequireTlog || p.TrustedRoot == nil) {
@@ -268,6 +286,10 @@ func checkPolicy(p *policy.Policy) error {
 }
 
 func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest string) ([]string, error) {
+	// One deadline and one byte budget for the whole verification: every
+	// request, redirect hop, retry and rate-limit wait below counts.
+	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
+	defer cancel()
 	if err := checkPolicy(p); err != nil {
 		return nil, err
 	}
@@ -282,8 +304,7 @@ func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest st
 	if err != nil {
 		return nil, fmt.Errorf("repository %q: %w", repo, err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
-	defer cancel()
+	ctx = withBudget(withRegistry(ctx, r.RegistryStr()), v.opts.MaxVerifyBytes)
 	puller, err := v.sharedPuller()
 	if err != nil {
 		return nil, err
@@ -291,52 +312,76 @@ func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest st
 	d := r.Digest(digest)
 	t := newTally(p)
 
-	sigs, err := v.fetchLegacy(ctx, puller, d)
-	if err != nil {
-		return nil, err
-	}
-	for _, s := range sigs {
+	// Signatures are read and checked one at a time, and dropped before the
+	// next is read; the first time the threshold is met ends the search.
+	err = v.eachLegacy(ctx, puller, d, func(s legacySig) bool {
 		v.checkLegacy(ctx, p, s, d, t)
-		if t.met() {
-			return t.signers(), nil
-		}
-	}
-	bundles, err := v.fetchBundles(ctx, puller, d)
+		return t.met()
+	})
 	if err != nil {
 		return nil, err
 	}
-	for _, b := range bundles {
+	if t.met() {
+		return t.signers(), nil
+	}
+	err = v.eachBundle(ctx, puller, d, func(b sigBundle) bool {
 		v.checkBundle(ctx, p, b, d, t)
-		if t.met() {
-			return t.signers(), nil
-		}
+		return t.met()
+	})
+	if err != nil {
+		return nil, err
+	}
+	if t.met() {
+		return t.signers(), nil
 	}
 	return nil, t.failure()
 }
 
-// tally counts distinct successful signers and why the others failed.
+// tally records which actual signers verified under which policy signers,
+// and why the other signatures failed. The threshold is met when a maximum
+// matching between actual signers and policy signers (keys first, then
+// keyless identities) has at least threshold pairs: each actual signer
+// counts once, for one policy signer, and the order in which signatures are
+// examined does not matter. The legacy and the bundle paths feed the same
+// tally.
 type tally struct {
 	threshold int
-	success   map[int]string // signer index (keys first, then identities) -> label
-	seen      int            // signatures and bundles examined
+	policy    int                       // number of policy signers
+	who       []string                  // actual signers, in the order first seen
+	edges     map[string]map[int]string // actual signer -> policy signer -> label
+	matched   []string                  // labels of the current maximum matching
+	dirty     bool                      // edges changed since matched was computed
+	seen      int                       // signatures and bundles examined
 	reasons   map[string]int
 	last      map[string]error
 }
 
 func newTally(p *policy.Policy) *tally {
-	return &tally{threshold: p.Threshold, success: map[int]string{}, reasons: map[string]int{}, last: map[string]error{}}
+	return &tally{threshold: p.Threshold, policy: len(p.Keys) + len(p.Identities),
+		edges: map[string]map[int]string{}, reasons: map[string]int{}, last: map[string]error{}}
 }
 
-// ok records that policy signer number signer verified a signature made by
-// label. One actual signer counts once even when two configured identities
-// (say, overlapping regexps) both accept its certificate.
-func (t *tally) ok(signer int, label string) {
-	for _, l := range t.success {
-		if l == label {
-			return
-		}
+// ok records that actual signer who (a key ID, or a certificate's issuer
+// and SANs) made a signature that policy signer number signer accepts;
+// label is what Signers reports for the pair.
+func (t *tally) ok(who string, signer int, label string) {
+	e, found := t.edges[who]
+	if !found {
+		e = map[int]string{}
+		t.edges[who] = e
+		t.who = append(t.who, who)
 	}
-	t.success[signer] = label
+	if _, dup := e[signer]; !dup {
+		e[signer] = label
+		t.dirty = true
+	}
+}
+
+// has reports whether who is already known to satisfy policy signer signer
+// (another signature by who need not be checked against it).
+func (t *tally) has(who string, signer int) bool {
+	_, ok := t.edges[who][signer]
+	return ok
 }
 
 func (t *tally) fail(err *FailureError) {
@@ -344,16 +389,49 @@ func (t *tally) fail(err *FailureError) {
 	t.last[err.Reason] = err
 }
 
-func (t *tally) met() bool { return len(t.success) >= t.threshold }
-
-func (t *tally) signers() []string {
-	out := make([]string, 0, len(t.success))
-	for _, s := range t.success {
-		out = append(out, s)
+// match computes a maximum bipartite matching with augmenting paths
+// (Kuhn's algorithm): at most MaxSignatures+MaxReferrers actual signers
+// against the policy's handful of signers, so exact and cheap.
+func (t *tally) match() []string {
+	if !t.dirty && t.matched != nil {
+		return t.matched
+	}
+	owner := make([]int, t.policy) // policy signer -> index in t.who, or -1
+	for i := range owner {
+		owner[i] = -1
+	}
+	var try func(u int, visited []bool) bool
+	try = func(u int, visited []bool) bool {
+		for j := range t.policy {
+			if _, ok := t.edges[t.who[u]][j]; !ok || visited[j] {
+				continue
+			}
+			visited[j] = true
+			if owner[j] < 0 || try(owner[j], visited) {
+				owner[j] = u
+				return true
+			}
+		}
+		return false
+	}
+	for u := range t.who {
+		try(u, make([]bool, t.policy))
+	}
+	out := []string{}
+	for j, u := range owner {
+		if u >= 0 {
+			out = append(out, t.edges[t.who[u]][j])
+		}
 	}
 	slices.Sort(out)
-	return slices.Compact(out)
+	t.matched, t.dirty = out, false
+	return out
 }
+
+func (t *tally) met() bool { return len(t.match()) >= t.threshold }
+
+// signers are the labels of the matched pairs, sorted.
+func (t *tally) signers() []string { return slices.Compact(slices.Clone(t.match())) }
 
 // reasonPriority: the most specific explanation wins when several signatures
 // failed for different reasons.
@@ -363,9 +441,9 @@ var reasonPriority = []string{
 }
 
 func (t *tally) failure() error {
-	if len(t.success) > 0 {
+	if m := t.match(); len(m) > 0 {
 		return failure(verdict.ReasonThresholdNotMet, "%d of %d required signers verified (%s)",
-			len(t.success), t.threshold, strings.Join(t.signers(), ", "))
+			len(m), t.threshold, strings.Join(t.signers(), ", "))
 	}
 	if t.seen == 0 {
 		return failure(verdict.ReasonNoSignature, "no signatures found")
@@ -397,6 +475,7 @@ func (v *Verifier) Resolve(ctx context.Context, ref policy.Ref) (string, error) 
 	}
 	ctx, cancel := context.WithTimeout(ctx, v.opts.VerifyTimeout)
 	defer cancel()
+	ctx = withRegistry(ctx, r.RegistryStr())
 	puller, err := remote.NewPuller(v.remoteOptions(ctx)...)
 	if err != nil {
 		return "", fmt.Errorf("registry client: %w", err)

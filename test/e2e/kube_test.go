@@ -17,6 +17,7 @@ import (
 
 	"github.com/pinwarden/pinwarden/agent/report"
 	"github.com/pinwarden/pinwarden/agent/status"
+	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
@@ -261,11 +262,11 @@ func TestKubernetesOnRealAPIServer(t *testing.T) {
 			// Warnings on the Node and on the Pod, once each.
 			short := status.ShortDigest(badD)
 			harness.Eventually(t, 10*time.Second, "events on the node and the pod", func() (bool, string) {
-				nodeEvs, n := c.events(t, "Node", "", node, report.ReasonImageUnverified)
-				_, p := c.events(t, "Pod", "shop", "bad-0", report.ReasonImageUnverified)
+				nodeEvs, n := c.events(t, "Node", "", node, verdict.EventImageUnverified)
+				_, p := c.events(t, "Pod", "shop", "bad-0", verdict.EventImageUnverified)
 				return n == 1 && p == 1 && strings.Contains(nodeEvs[0].Message, short), fmt.Sprintf("node %d, pod %d", n, p)
 			})
-			if _, n := c.events(t, "Pod", "shop", "good-0", report.ReasonImageUnverified); n != 0 {
+			if _, n := c.events(t, "Pod", "shop", "good-0", verdict.EventImageUnverified); n != 0 {
 				t.Errorf("%d Warnings on the pod running a verified image", n)
 			}
 
@@ -287,11 +288,11 @@ func TestKubernetesOnRealAPIServer(t *testing.T) {
 			a = k.startAgent(cfg)
 			bad2 := k.pods.RunPod(ctx, bad, "shop", "bad-2") // proof that the new agent reports
 			harness.Eventually(t, 10*time.Second, "event on the pod started after the restart", func() (bool, string) {
-				_, p := c.events(t, "Pod", "shop", "bad-2", report.ReasonImageUnverified)
+				_, p := c.events(t, "Pod", "shop", "bad-2", verdict.EventImageUnverified)
 				return p == 1, fmt.Sprintf("%d", p)
 			})
 			for _, obj := range [][3]string{{"Node", "", node}, {"Pod", "shop", "bad-0"}, {"Pod", "shop", "bad-1"}} {
-				if _, n := c.events(t, obj[0], obj[1], obj[2], report.ReasonImageUnverified); n != 1 {
+				if _, n := c.events(t, obj[0], obj[1], obj[2], verdict.EventImageUnverified); n != 1 {
 					t.Errorf("%s %s/%s: %d ImageUnverified events after the restart, want 1", obj[0], obj[1], obj[2], n)
 				}
 			}
@@ -310,11 +311,11 @@ func TestKubernetesOnRealAPIServer(t *testing.T) {
 			// and no event was sent twice.
 			conditionIs("reconciled after the API server came back", 90*time.Second, corev1.ConditionFalse, report.ReasonImagesTrusted, false)
 			harness.Eventually(t, 60*time.Second, "event for the image judged during the outage", func() (bool, string) {
-				_, n := c.events(t, "Node", "", node, report.ReasonImageUnverified)
+				_, n := c.events(t, "Node", "", node, verdict.EventImageUnverified)
 				return n == 2, fmt.Sprintf("%d node events", n)
 			})
 			for _, obj := range [][3]string{{"Pod", "shop", "bad-0"}, {"Pod", "shop", "bad-1"}, {"Pod", "shop", "bad-2"}} {
-				if _, n := c.events(t, obj[0], obj[1], obj[2], report.ReasonImageUnverified); n != 1 {
+				if _, n := c.events(t, obj[0], obj[1], obj[2], verdict.EventImageUnverified); n != 1 {
 					t.Errorf("%s %s/%s: %d events after the outage, want 1", obj[0], obj[1], obj[2], n)
 				}
 			}

@@ -1,0 +1,99 @@
+package agent
+
+import (
+	"reflect"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/pinwarden/pinwarden/agent/config"
+)
+
+// Of kubernetes.*, only enabled and kubeconfig need a restart: the reporter
+// takes the others on reload (quarantineTaint: false lifts the taint live).
+func TestKubernetesKeysLive(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		change func(*config.Kubernetes)
+		want   []string
+	}{
+		{"enabled", func(k *config.Kubernetes) { k.Enabled = !k.Enabled }, []string{"kubernetes.enabled"}},
+		{"kubeconfig", func(k *config.Kubernetes) { k.Kubeconfig = "/other" }, []string{"kubernetes.kubeconfig"}},
+		{"events", func(k *config.Kubernetes) { k.Events = !k.Events }, nil},
+		{"nodeCondition", func(k *config.Kubernetes) { k.NodeCondition = !k.NodeCondition }, nil},
+		{"quarantineTaint", func(k *config.Kubernetes) { k.QuarantineTaint = !k.QuarantineTaint }, nil},
+		{"quarantineMaxUnavailable", func(k *config.Kubernetes) { k.QuarantineMaxUnavailable = "10%" }, nil},
+	}
+	for _, tt := range tests {
+		old, cur := config.Default(), config.Default()
+		tt.change(&cur.Kubernetes)
+		if got := restartOnly(old, cur); !slices.Equal(got, tt.want) {
+			t.Errorf("%s: restartOnly = %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestRestartOnly changes every field of the config, one at a time, slices
+// and structs included, and checks that exactly the settings read only at
+// start-up are reported, and that nothing panics.
+func TestRestartOnly(t *testing.T) {
+	t.Parallel()
+	restart := map[string]string{
+		"RuntimeEndpoint": "runtimeEndpoint", "ContainerdNamespace": "containerdNamespace", "NodeName": "nodeName",
+		"StateDir": "stateDir", "MetricsAddress": "metricsAddress", "StatusAddress": "statusAddress",
+		"ResyncInterval": "resyncInterval", "MaxProblemSeries": "maxProblemSeries", "Cache": "cache",
+		"Prefetch": "prefetch", "Kubernetes": "kubernetes.enabled", // the other kubernetes.* keys: TestKubernetesKeysLive
+	}
+	typ := reflect.TypeFor[config.Config]()
+	for i := range typ.NumField() {
+		f := typ.Field(i)
+		t.Run(f.Name, func(t *testing.T) {
+			t.Parallel()
+			old, cur := config.Default(), config.Default()
+			change(reflect.ValueOf(cur).Elem().Field(i))
+			if reflect.DeepEqual(old, cur) {
+				t.Fatalf("test did not change %s", f.Name)
+			}
+			got := restartOnly(old, cur)
+			var want []string
+			if k, ok := restart[f.Name]; ok {
+				want = []string{k}
+			}
+			if !slices.Equal(got, want) {
+				t.Errorf("restartOnly = %q, want %q", got, want)
+			}
+		})
+	}
+	if differs([]string{"a"}, []string{"a"}) || !differs([]string{"a"}, []string{"b"}) ||
+		differs(config.Registries{Insecure: []string{"x"}}, config.Registries{Insecure: []string{"x"}}) {
+		t.Error("differs on slices")
+	}
+}
+
+// change sets v to a different value: the first field of a struct, one more
+// element of a slice.
+func change(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString(v.String() + "x")
+	case reflect.Int, reflect.Int64:
+		if v.Type() == reflect.TypeFor[time.Duration]() {
+			v.SetInt(v.Int() + int64(time.Second))
+			return
+		}
+		v.SetInt(v.Int() + 1)
+	case reflect.Float64:
+		v.SetFloat(v.Float() + 1)
+	case reflect.Bool:
+		v.SetBool(!v.Bool())
+	case reflect.Struct:
+		change(v.Field(0))
+	case reflect.Slice:
+		v.Set(reflect.Append(v, reflect.New(v.Type().Elem()).Elem()))
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+	default:
+		panic("change: kind " + v.Kind().String())
+	}
+}
