@@ -185,7 +185,7 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 	defer rt.Close()
 
-	rep, err := newReporter(cfg, logger.With("component", "report"))
+	rep, err := newReporter(cfg, logger.With("component", "report"), report.WithHoldObserver(m.QuarantineHeldBack))
 	if err != nil {
 		return ConfigError{err}
 	}
@@ -350,6 +350,11 @@ func (a *agent) reload() {
 	a.cur = s
 	a.mu.Unlock()
 	a.metrics.ConfigReload(true)
+	if a.report != nil {
+		// kubernetes.* except enabled and kubeconfig take effect now:
+		// quarantineTaint false lifts the taint within seconds.
+		a.report.SetOptions(report.FromConfig(s.Config.Kubernetes)...)
+	}
 	for _, k := range restartOnly(old.Config, s.Config) {
 		a.log.Warn("config key changed; it takes effect after a restart", "key", k)
 	}
@@ -421,8 +426,9 @@ func restartOnly(old, cur *config.Config) []string {
 	check("cache", old.Cache, cur.Cache)
 	check("prefetch", old.Prefetch, cur.Prefetch)
 	// registries (and the docker config's content) take effect on reload:
-	// the verifier is rebuilt.
-	check("kubernetes", old.Kubernetes, cur.Kubernetes)
+	// the verifier is rebuilt. kubernetes.* too, but for these two.
+	check("kubernetes.enabled", old.Kubernetes.Enabled, cur.Kubernetes.Enabled)
+	check("kubernetes.kubeconfig", old.Kubernetes.Kubeconfig, cur.Kubernetes.Kubeconfig)
 	return keys
 }
 

@@ -12,6 +12,31 @@ import (
 	"github.com/pinwarden/pinwarden/agent/config"
 )
 
+// Of kubernetes.*, only enabled and kubeconfig need a restart: the reporter
+// takes the others on reload (quarantineTaint: false lifts the taint live).
+func TestKubernetesKeysLive(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name   string
+		change func(*config.Kubernetes)
+		want   []string
+	}{
+		{"enabled", func(k *config.Kubernetes) { k.Enabled = !k.Enabled }, []string{"kubernetes.enabled"}},
+		{"kubeconfig", func(k *config.Kubernetes) { k.Kubeconfig = "/other" }, []string{"kubernetes.kubeconfig"}},
+		{"events", func(k *config.Kubernetes) { k.Events = !k.Events }, nil},
+		{"nodeCondition", func(k *config.Kubernetes) { k.NodeCondition = !k.NodeCondition }, nil},
+		{"quarantineTaint", func(k *config.Kubernetes) { k.QuarantineTaint = !k.QuarantineTaint }, nil},
+		{"quarantineMaxUnavailable", func(k *config.Kubernetes) { k.QuarantineMaxUnavailable = "10%" }, nil},
+	}
+	for _, tt := range tests {
+		old, cur := config.Default(), config.Default()
+		tt.change(&cur.Kubernetes)
+		if got := restartOnly(old, cur); !slices.Equal(got, tt.want) {
+			t.Errorf("%s: restartOnly = %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
+
 // TestRestartOnly changes every field of the config, one at a time, slices
 // and structs included, and checks that exactly the settings read only at
 // start-up are reported, and that nothing panics.
@@ -21,7 +46,7 @@ func TestRestartOnly(t *testing.T) {
 		"RuntimeEndpoint": "runtimeEndpoint", "ContainerdNamespace": "containerdNamespace", "NodeName": "nodeName",
 		"StateDir": "stateDir", "MetricsAddress": "metricsAddress", "StatusAddress": "statusAddress",
 		"ResyncInterval": "resyncInterval", "MaxProblemSeries": "maxProblemSeries", "Cache": "cache",
-		"Prefetch": "prefetch", "Kubernetes": "kubernetes",
+		"Prefetch": "prefetch", "Kubernetes": "kubernetes.enabled", // the other kubernetes.* keys: TestKubernetesKeysLive
 	}
 	typ := reflect.TypeFor[config.Config]()
 	for i := range typ.NumField() {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -31,10 +32,14 @@ func NodeName(cfg *config.Config, getenv func(string) string) (string, error) {
 	return h, nil
 }
 
+// ReportedFile is the file in stateDir that keeps the problems already
+// reported as events, so a restart does not report them again.
+const ReportedFile = "reported.json"
+
 // newReporter builds the Kubernetes reporter, or returns nil when reporting
 // is disabled. The client comes from kubernetes.kubeconfig, else the
 // in-cluster service account.
-func newReporter(cfg *config.Config, logger *slog.Logger) (*report.Reporter, error) {
+func newReporter(cfg *config.Config, logger *slog.Logger, opts ...report.Option) (*report.Reporter, error) {
 	k := cfg.Kubernetes
 	if !k.Enabled {
 		return nil, nil
@@ -60,5 +65,6 @@ func newReporter(cfg *config.Config, logger *slog.Logger) (*report.Reporter, err
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
-	return report.New(cs, node, logger, report.FromConfig(k)...), nil
+	opts = append(opts, report.WithStateFile(filepath.Join(cfg.StateDir, ReportedFile)))
+	return report.New(cs, node, logger, append(report.FromConfig(k), opts...)...), nil
 }

@@ -62,7 +62,7 @@ for m in "${micro[@]}"; do
 done
 
 # --- end-to-end benchmarks (bench/, PINWARDEN_BENCH=1) ---------------------
-for name in TestVerifyCLI TestVerifyDistribution TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase; do
+for name in TestVerifyCLI TestVerifyDistribution TestPullToVerdict TestRelistAndIdle TestPrefetchVsCrictl TestIfNotPresentImagePhase TestContainerStartToCondition; do
   cmd="PINWARDEN_BENCH=1 go test -v -count=1 -timeout 12m -run '^$name\$' ./bench"
   say "$cmd"
   # CI=true: a missing tool fails the benchmark instead of skipping its row.
@@ -151,6 +151,11 @@ EOF
   every package (pinwarden and test/demo/demotool), as on a fresh machine; Debian's containerd
   and docker-registry stay installed when they are (the row says which). The row names the
   build's share from the demo's own step timings.
+- **container start -> condition** (`TestContainerStartToCondition`, issue 11): the real agent binary, a real
+  kube-apiserver v1.37 on etcd and containerd 2.x running real pods through CRI (`harness.Pods`); an unsigned image
+  pulled and judged first; the latency is from `RunPod` returning (CRI reports the container running) to
+  `UntrustedImage` `True` on the Node read from the API server (polled every 5 ms), and from `StopPod` returning to
+  `False`; 30 rounds.
 - **prefetch** (`TestPrefetchVsCrictl`, `TestIfNotPresentImagePhase`, issue 5): see the comments
   on those tests in `bench/prefetch_test.go`.
 EOF

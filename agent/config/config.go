@@ -107,6 +107,10 @@ type Kubernetes struct {
 	Events          bool   `json:"events"`
 	NodeCondition   bool   `json:"nodeCondition"`
 	QuarantineTaint bool   `json:"quarantineTaint"`
+	// QuarantineMaxUnavailable is the blast-radius guard: at most this many
+	// nodes ("3") or this share of the nodes ("10%") carry the quarantine
+	// taint; empty: no guard. See ParseMaxUnavailable.
+	QuarantineMaxUnavailable string `json:"quarantineMaxUnavailable"`
 }
 
 // Duration is a time.Duration written in Go syntax ("5m", "24h").
@@ -281,6 +285,9 @@ func (c *Config) validate(files bool) error {
 	}
 	if c.Registries.Burst < 1 || c.Registries.Burst > 10000 {
 		bad("registries.burst", "must be between 1 and 10000, got %d", c.Registries.Burst)
+	}
+	if _, _, err := ParseMaxUnavailable(c.Kubernetes.QuarantineMaxUnavailable); err != nil {
+		bad("kubernetes.quarantineMaxUnavailable", "%v", err)
 	}
 	if c.Registries.DockerConfig != "" && files {
 		if _, err := os.Stat(c.Registries.DockerConfig); err != nil {

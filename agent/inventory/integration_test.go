@@ -12,28 +12,23 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
-	critest "k8s.io/cri-api/pkg/apis/testing"
 
 	"github.com/pinwarden/pinwarden/agent/inventory"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
 
-// node is one real containerd with a registry, a CRI client and a fake
-// runtime service for containers.
+// node is one real containerd with a registry and a CRI client.
 type node struct {
-	reg  string
-	ctd  *harness.Containerd
-	c    *cri.Client
-	fake *critest.FakeRuntimeService
+	reg string
+	ctd *harness.Containerd
+	c   *cri.Client
 }
 
 func newNode(t *testing.T, f harness.Flavour) *node {
 	t.Helper()
-	fake := critest.NewFakeRuntimeService()
-	n := harness.StartNode(t, harness.WithFlavour(f), harness.WithCRI(cri.WithRuntimeService(fake)))
-	return &node{reg: n.Registry.Host, ctd: n.Containerd, c: n.CRI, fake: fake}
+	n := harness.StartNode(t, harness.WithFlavour(f))
+	return &node{reg: n.Registry.Host, ctd: n.Containerd, c: n.CRI}
 }
 
 // push pushes a random image to ref and pulls it through CRI.
@@ -248,39 +243,35 @@ func TestIntegrationRestart(t *testing.T) {
 	}
 }
 
-// TestIntegrationContainers: running containers (from the CRI fake runtime
-// service; pods cannot start here) are attributed to the right digest.
+// TestIntegrationContainers: real running containers (pods through CRI, with
+// the kubelet's labels) are attributed to the right digest, also when one
+// image ID has two manifest digests.
 func TestIntegrationContainers(t *testing.T) {
+	pause := harness.PauseBinary(t)
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
-			n := newNode(t, f)
-			dA, idA := n.pushPull(t, n.reg+"/shop/api:v1")
-			img := harness.RandomImage(t, 1024)
-			dS1 := harness.PushImage(t, n.reg+"/a/same:v1", img)
-			dS2 := harness.PushImage(t, n.reg+"/b/same:v1", mutate.Annotations(img, map[string]string{"x": "y"}).(v1.Image))
-			idS := n.pull(t, n.reg+"/a/same:v1")
-			if id := n.pull(t, n.reg+"/b/same:v1"); id != idS {
+			reg := harness.StartRegistry(t)
+			sandbox := harness.PauseImage(t, reg, pause)
+			ctd := harness.StartContainerd(t, harness.WithFlavour(f), harness.WithInsecureRegistry(reg), harness.WithSandboxImage(sandbox))
+			n := &node{reg: reg, ctd: ctd, c: harness.DialCRI(t, ctd)}
+			dA := harness.PushRunnableImage(t, reg+"/shop/api:v1", pause)
+			img := harness.RunnableImage(t, pause)
+			dS1 := harness.PushImage(t, reg+"/a/same:v1", img)
+			dS2 := harness.PushImage(t, reg+"/b/same:v1", mutate.Annotations(img, map[string]string{"x": "y"}).(v1.Image))
+			idS := n.pull(t, reg+"/a/same:v1")
+			if id := n.pull(t, reg+"/b/same@"+dS2); id != idS {
 				t.Fatalf("shared config gave two IDs %s %s", idS, id)
 			}
-			running := func(id, name, image, imageRef, ns, pod string) *critest.FakeContainer {
-				return &critest.FakeContainer{ContainerStatus: runtimeapi.ContainerStatus{
-					Id: id, Metadata: &runtimeapi.ContainerMetadata{Name: name},
-					Image: &runtimeapi.ImageSpec{Image: image}, ImageRef: imageRef,
-					State:  runtimeapi.ContainerState_CONTAINER_RUNNING,
-					Labels: map[string]string{cri.LabelPodNamespace: ns, cri.LabelPodName: pod},
-				}}
-			}
-			// containerd's CRI reports the image ID as ImageRef in ListContainers.
-			n.fake.SetFakeContainers([]*critest.FakeContainer{
-				running("c1", "api", n.reg+"/shop/api:v1", idA, "shop", "api-0"),
-				running("c2", "same-a", n.reg+"/a/same:v1", idS, "x", "a-0"),
-				running("c3", "same-b", n.reg+"/b/same@"+dS2, idS, "x", "b-0"),
-			})
+			pods := harness.NewPods(t, ctd, nil, "node-a")
+			ctx := t.Context()
+			pods.RunPod(ctx, reg+"/shop/api:v1", "shop", "api-0")
+			pods.RunPod(ctx, reg+"/a/same:v1", "x", "a-0")
+			pods.RunPod(ctx, reg+"/b/same@"+dS2, "x", "b-0")
 			inv := n.readyInventory(t)
 			want := map[string]string{dA: "shop/api-0", dS1: "x/a-0", dS2: "x/b-0"}
 			for dg, pod := range want {
 				cs := inv.ContainersUsing(dg)
-				if len(cs) != 1 || cs[0].PodNamespace+"/"+cs[0].PodName != pod {
+				if len(cs) != 1 || cs[0].PodNamespace+"/"+cs[0].PodName != pod || cs[0].Name != "main" {
 					t.Errorf("ContainersUsing(%s) = %+v, want %s", dg, cs, pod)
 				}
 			}

@@ -88,8 +88,9 @@ func WithResyncInterval(d time.Duration) Option {
 }
 
 // WithContainerResync sets how often running containers are relisted between
-// full relists (default 30 seconds). The runtime has no container events we
-// subscribe to, so this bounds how stale the container join can be.
+// full relists (default 30 seconds). containerd's task and container events
+// make a start or stop seen within a few seconds; this relist repairs what
+// an event stream lost.
 func WithContainerResync(d time.Duration) Option {
 	return func(inv *Inventory) {
 		if d > 0 {

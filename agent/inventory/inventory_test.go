@@ -627,3 +627,40 @@ func TestRelistListsTargetsOnlyWhenNeeded(t *testing.T) {
 		}
 	}
 }
+
+// A container start or stop is seen from containerd's task events, long
+// before the container relist (an hour here) would see it.
+func TestContainerEventsSeenFast(t *testing.T) {
+	t.Parallel()
+	f := inventorytest.NewFake()
+	f.Pull(repo+":v1", d("m1"), d("c1"), 1)
+	inv := inventory.New(f, nil, inventory.WithContainerResync(time.Hour), inventory.WithResyncInterval(time.Hour))
+	sub := inv.Subscribe()
+	defer inv.Unsubscribe(sub)
+	start(t, inv)
+	eventually(t, 5*time.Second, "ready", inv.Ready)
+	<-sub
+
+	tests := []struct {
+		name    string
+		change  func()
+		running int
+	}{
+		{"start", func() {
+			f.StartContainer(cri.Container{ID: "a", Name: "api", Image: repo + ":v1", ImageRef: d("c1"), ImageID: d("c1"), PodNamespace: "shop", PodName: "api-0"})
+		}, 1},
+		{"stop", func() { f.StopContainer("a") }, 0},
+	}
+	for _, tt := range tests {
+		tt.change()
+		eventually(t, 5*time.Second, tt.name+" seen", func() bool { return len(inv.ContainersUsing(d("m1"))) == tt.running })
+		eventually(t, 5*time.Second, tt.name+" notified", func() bool {
+			select {
+			case ch := <-sub:
+				return ch.Containers && slices.Contains(ch.Digests, d("m1"))
+			default:
+				return false
+			}
+		})
+	}
+}

@@ -22,6 +22,15 @@ const (
 	eventRetryMax  = 6 // 50ms .. 1.6s, then the periodic relist repairs
 )
 
+// containerRechecks are when, after a task or container event, the running
+// containers are listed again. containerd publishes the event before its CRI
+// plugin has updated the container's state (it does so when the task call
+// returns, or when its own event handler runs), so one list right away could
+// still see the old state; the first check also coalesces the burst of events
+// of one pod start. A state CRI takes longer to show waits for the container
+// relist (WithContainerResync).
+var containerRechecks = []time.Duration{20 * time.Millisecond, 250 * time.Millisecond, time.Second, 3 * time.Second}
+
 // Run fills the inventory and keeps it current until ctx is cancelled, then
 // returns nil. Runtime failures never end Run: it marks the runtime down,
 // reconnects with capped exponential backoff and jitter, and relists fully
@@ -97,10 +106,16 @@ func (inv *Inventory) session(ctx context.Context) (connected bool, err error) {
 	retries := map[string]retryItem{}
 	var retryC <-chan time.Time
 	var retryT *time.Timer
+	// recheck lists the containers at each of recheckAt (sorted), after a
+	// container event.
+	var recheckAt []time.Time
+	recheckT := time.NewTimer(time.Hour)
+	recheckT.Stop()
 	defer func() {
 		if retryT != nil {
 			retryT.Stop()
 		}
+		recheckT.Stop()
 	}()
 	for {
 		// Arm the retry timer for the earliest due name.
@@ -126,6 +141,18 @@ func (inv *Inventory) session(ctx context.Context) (connected bool, err error) {
 			return true, err
 		case ev := <-evc:
 			inv.observer.RuntimeEvent(ev.Topic)
+			if ev.IsContainer() {
+				now := time.Now()
+				if len(recheckAt) == len(containerRechecks) && recheckAt[0].After(now) {
+					continue // the burst of one pod start: already scheduled
+				}
+				recheckAt = recheckAt[:0]
+				for _, d := range containerRechecks {
+					recheckAt = append(recheckAt, now.Add(d))
+				}
+				recheckT.Reset(containerRechecks[0])
+				continue
+			}
 			ok, err := inv.handleName(sctx, ev.Name)
 			if err != nil {
 				if connectionLost(sctx, err) {
@@ -169,6 +196,16 @@ func (inv *Inventory) session(ctx context.Context) (connected bool, err error) {
 			}
 			clear(retries)
 		case <-conts.C:
+			if err := inv.relistContainers(sctx); err != nil {
+				return true, err
+			}
+		case now := <-recheckT.C:
+			for len(recheckAt) > 0 && !recheckAt[0].After(now) {
+				recheckAt = recheckAt[1:]
+			}
+			if len(recheckAt) > 0 {
+				recheckT.Reset(time.Until(recheckAt[0]))
+			}
 			if err := inv.relistContainers(sctx); err != nil {
 				return true, err
 			}

@@ -91,7 +91,8 @@ func viewOf(s *nodestate.State) *view {
 }
 
 // knownTopics bounds the topic label of pinwarden_runtime_events_total.
-var knownTopics = map[string]bool{"/images/create": true, "/images/update": true, "/images/delete": true}
+var knownTopics = map[string]bool{"/images/create": true, "/images/update": true, "/images/delete": true,
+	"/tasks/start": true, "/tasks/exit": true, "/tasks/delete": true, "/containers/create": true, "/containers/delete": true}
 
 // Metrics holds every metric. Create it with New; the zero value is unusable.
 type Metrics struct {
@@ -116,6 +117,7 @@ type Metrics struct {
 	repairs          prometheus.Counter
 	queueDropped     prometheus.Counter
 	queueDepth       prometheus.Gauge
+	quarantineHeld   prometheus.Gauge
 
 	imagesDesc, problemsDesc, droppedDesc, driftedDesc, tagDesc, runningDesc *prometheus.Desc
 }
@@ -128,7 +130,7 @@ func New(version string, maxProblemSeries int) *Metrics {
 	m.runtimeUp = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("runtime_up"),
 		Help: "1 while the container runtime's CRI and event stream are connected."})
 	m.runtimeEvents = prometheus.NewCounterVec(prometheus.CounterOpts{Name: f("runtime_events_total"),
-		Help: "Runtime image events received, by topic."}, []string{"topic"})
+		Help: "Runtime image, task and container events received, by topic."}, []string{"topic"})
 	m.resyncs = prometheus.NewCounter(prometheus.CounterOpts{Name: f("resyncs_total"),
 		Help: "Full relists of the runtime's images and containers."})
 	m.lastResync = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("last_resync_timestamp_seconds"),
@@ -159,6 +161,8 @@ func New(version string, maxProblemSeries int) *Metrics {
 		Help: "Image digests a periodic relist found changed although no runtime event said so (lost events)."})
 	m.queueDropped = prometheus.NewCounter(prometheus.CounterOpts{Name: f("queue_dropped_total"),
 		Help: "Digests dropped because the verification queue was full (the next relist re-queues them)."})
+	m.quarantineHeld = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("quarantine_held_back"),
+		Help: "1 while kubernetes.quarantineMaxUnavailable keeps the quarantine taint off this node."})
 	m.queueDepth = prometheus.NewGauge(prometheus.GaugeOpts{Name: f("queue_depth"),
 		Help: "Digests waiting for verification."})
 	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: f("build_info"),
@@ -193,7 +197,7 @@ func New(version string, maxProblemSeries int) *Metrics {
 	}
 	m.reg.MustRegister(m.runtimeUp, m.runtimeEvents, m.resyncs, m.lastResync, m.verifications, m.verifyDuration,
 		m.prefetch, m.prefetchDuration, m.prefetchPending, m.reloads, m.lastReloadOK, m.cacheWriteErrors, m.cacheCorrupt,
-		m.cacheLookups, m.repairs, m.queueDropped, m.queueDepth, buildInfo, stateCollector{m},
+		m.cacheLookups, m.repairs, m.queueDropped, m.queueDepth, m.quarantineHeld, buildInfo, stateCollector{m},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.Publish(&nodestate.State{})
 	return m
@@ -301,6 +305,10 @@ func (m *Metrics) CacheMiss() { m.cacheLookups.WithLabelValues("miss").Inc() }
 // RelistRepaired counts digests that a periodic relist found changed
 // although no event said so.
 func (m *Metrics) RelistRepaired(digests int) { m.repairs.Add(float64(digests)) }
+
+// QuarantineHeldBack records whether the blast-radius guard holds the
+// quarantine taint back.
+func (m *Metrics) QuarantineHeldBack(held bool) { m.quarantineHeld.Set(b2f(held)) }
 
 // QueueDropped counts a digest dropped from a full queue.
 func (m *Metrics) QueueDropped() { m.queueDropped.Inc() }

@@ -68,7 +68,7 @@ func TestEventMetrics(t *testing.T) {
 	t.Parallel()
 	m := New("test", 10)
 	m.RuntimeEvent("/images/create")
-	m.RuntimeEvent("/tasks/exit") // unknown topics are bounded
+	m.RuntimeEvent("/snapshot/prepare") // unknown topics are bounded
 	m.Verification(verdict.Result{Verdict: verdict.Verified, Source: verdict.SourceRegistry}, 10*time.Millisecond)
 	m.Verification(verdict.Result{Verdict: verdict.Pending, Source: verdict.SourceRegistry}, time.Millisecond)
 	m.Verification(verdict.Result{Verdict: verdict.Unverified, Source: verdict.SourceCache}, 0)

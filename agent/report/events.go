@@ -150,7 +150,7 @@ func orUnknown(s string) string {
 // sync (the broadcaster would drop them anyway: its queue holds 1000 and its
 // spam filter lets 25 per object through, then one per 5 minutes).
 func (w *worker) event(ref *corev1.ObjectReference, eventtype, reason, msg string) {
-	if w.recorder == nil {
+	if w.recorder == nil || !w.o.events {
 		return
 	}
 	if w.sent >= maxEventsPerSync {

@@ -68,21 +68,45 @@ const (
 type Option func(*options)
 
 type options struct {
+	live      liveOptions // what SetOptions can change
+	clock     clock.Clock
+	heartbeat time.Duration
+	stateFile string
+	onHold    func(held bool)
+}
+
+// liveOptions are the kubernetes.* settings that change without a restart.
+type liveOptions struct {
 	events, condition, taint bool
-	clock                    clock.Clock
-	heartbeat                time.Duration
+	maxUnavailable           string // kubernetes.quarantineMaxUnavailable, "" no guard
 }
 
 // WithEvents turns events on or off (kubernetes.events; default on).
-func WithEvents(on bool) Option { return func(o *options) { o.events = on } }
+func WithEvents(on bool) Option { return func(o *options) { o.live.events = on } }
 
 // WithNodeCondition turns the UntrustedImage condition on or off
 // (kubernetes.nodeCondition; default on).
-func WithNodeCondition(on bool) Option { return func(o *options) { o.condition = on } }
+func WithNodeCondition(on bool) Option { return func(o *options) { o.live.condition = on } }
 
 // WithQuarantineTaint turns the quarantine taint on or off
-// (kubernetes.quarantineTaint; default off). Off, taints are never touched.
-func WithQuarantineTaint(on bool) Option { return func(o *options) { o.taint = on } }
+// (kubernetes.quarantineTaint; default off). Turned off while the node
+// carries pinwarden's taint, the taint is removed: the incident switch for a
+// quarantine caused by a bad policy.
+func WithQuarantineTaint(on bool) Option { return func(o *options) { o.live.taint = on } }
+
+// WithMaxUnavailable sets the blast-radius guard
+// (kubernetes.quarantineMaxUnavailable, a valid count or percentage; "" no
+// guard): before it taints the node, the reporter lists the nodes and holds
+// back while that many already carry the taint.
+func WithMaxUnavailable(spec string) Option { return func(o *options) { o.live.maxUnavailable = spec } }
+
+// WithStateFile keeps the set of problems already reported in path, so a
+// restart (a DaemonSet rollout) sends no event again. Empty: memory only.
+func WithStateFile(path string) Option { return func(o *options) { o.stateFile = path } }
+
+// WithHoldObserver is called with true when the guard starts holding the
+// taint back, and false when it stops (metrics).
+func WithHoldObserver(f func(held bool)) Option { return func(o *options) { o.onHold = f } }
 
 // WithClock replaces the real clock (tests).
 func WithClock(c clock.Clock) Option { return func(o *options) { o.clock = c } }
@@ -97,9 +121,11 @@ func WithHeartbeat(d time.Duration) Option {
 	}
 }
 
-// FromConfig returns the options of the config's kubernetes section.
+// FromConfig returns the options of the config's kubernetes section that
+// SetOptions can change live.
 func FromConfig(k config.Kubernetes) []Option {
-	return []Option{WithEvents(k.Events), WithNodeCondition(k.NodeCondition), WithQuarantineTaint(k.QuarantineTaint)}
+	return []Option{WithEvents(k.Events), WithNodeCondition(k.NodeCondition), WithQuarantineTaint(k.QuarantineTaint),
+		WithMaxUnavailable(k.QuarantineMaxUnavailable)}
 }
 
 // Reporter reports the node's images to the API server. Create it with New,
@@ -112,7 +138,7 @@ type Reporter struct {
 	wake   chan struct{} // capacity 1: wakes coalesce
 	active atomic.Bool   // Run is running
 
-	mu sync.Mutex // guards latest, have and queued
+	mu sync.Mutex // guards latest, have, queued and opts.live
 	// latest is the last state given to Report; nobody modifies it.
 	latest *nodestate.State
 	have   bool
@@ -124,7 +150,7 @@ type genericEvent struct{ eventtype, reason, message string }
 
 // New returns a Reporter for the node nodeName; nothing runs until Run.
 func New(client kubernetes.Interface, nodeName string, logger *slog.Logger, opts ...Option) *Reporter {
-	o := options{events: true, condition: true, clock: clock.RealClock{}, heartbeat: defaultHeartbeat}
+	o := options{live: liveOptions{events: true, condition: true}, clock: clock.RealClock{}, heartbeat: defaultHeartbeat}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -132,6 +158,26 @@ func New(client kubernetes.Interface, nodeName string, logger *slog.Logger, opts
 		o.clock = clock.RealClock{}
 	}
 	return &Reporter{client: client, node: nodeName, log: logger, opts: o, wake: make(chan struct{}, 1)}
+}
+
+// SetOptions applies the live options among opts (events, node condition,
+// quarantine taint, guard; others are ignored) and wakes the worker, which
+// acts on them at once: turning the taint off removes pinwarden's taint.
+func (r *Reporter) SetOptions(opts ...Option) {
+	r.mu.Lock()
+	o := r.opts
+	for _, opt := range opts {
+		opt(&o)
+	}
+	r.opts.live = o.live
+	r.mu.Unlock()
+	r.poke()
+}
+
+func (r *Reporter) liveOptions() liveOptions {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.opts.live
 }
 
 // Report stores st as the node's current state and wakes the worker. It
@@ -150,7 +196,7 @@ func (r *Reporter) Report(st *nodestate.State) {
 // queue (the oldest is dropped when it is full). The message must not carry
 // credentials or URLs with secrets.
 func (r *Reporter) Event(eventtype, reason, message string) {
-	if !r.opts.events {
+	if !r.liveOptions().events {
 		return
 	}
 	if len(message) > maxMessageLen {
@@ -195,13 +241,13 @@ func (r *Reporter) Run(ctx context.Context) error {
 	defer r.active.Store(false)
 
 	w := newWorker(r)
-	if r.opts.events {
-		klogger := logr.FromSlogHandler(r.log.Handler())
-		b := record.NewBroadcaster(record.WithContext(klog.NewContext(ctx, klogger)))
-		defer b.Shutdown()
-		b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: r.client.CoreV1().Events("")})
-		w.recorder = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: Component, Host: r.node}).WithLogger(klogger)
-	}
+	// Events may be turned on live: the broadcaster always runs (it costs
+	// nothing while no event is sent).
+	klogger := logr.FromSlogHandler(r.log.Handler())
+	b := record.NewBroadcaster(record.WithContext(klog.NewContext(ctx, klogger)))
+	defer b.Shutdown()
+	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: r.client.CoreV1().Events("")})
+	w.recorder = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: Component, Host: r.node}).WithLogger(klogger)
 	for {
 		next := w.sync(ctx)
 		var timer clock.Timer

@@ -3,6 +3,7 @@ package report
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"sort"
@@ -31,8 +32,10 @@ type cond struct {
 // worker is the state of one Run. Only Run's goroutine touches it.
 type worker struct {
 	r        *Reporter
-	recorder record.EventRecorder // nil: events off
+	recorder record.EventRecorder // nil: no events (tests)
+	o        liveOptions          // the options of the current sync
 	reported reportedSet
+	saved    []byte // reported as last written to the state file
 	// sent and suppressed count the events of the current sync.
 	sent, suppressed int
 
@@ -52,15 +55,25 @@ type worker struct {
 	taintOn        *bool // whether the node carries the taint, nil: unknown
 	taintCheckedAt time.Time
 	taintRetry     retrier
+	held           bool      // the guard holds the taint back
+	heldRetryAt    time.Time // when the guard looks again
 }
 
-func newWorker(r *Reporter) *worker { return &worker{r: r, reported: reportedSet{}} }
+func newWorker(r *Reporter) *worker {
+	w := &worker{r: r, reported: reportedSet{}}
+	w.loadReported()
+	return w
+}
 
-func (w *worker) enabled() bool { return w.r.opts.events || w.r.opts.condition || w.r.opts.taint }
+// enabled: something to report, or pinwarden's taint (maybe) left to remove.
+func (w *worker) enabled() bool {
+	return w.o.events || w.o.condition || w.o.taint || w.taintOn == nil || *w.taintOn
+}
 
 // sync does everything that is due and returns when it wants to be woken
 // again even without a Report (zero: only by a Report or Event).
 func (w *worker) sync(ctx context.Context) time.Time {
+	w.o = w.r.liveOptions()
 	if !w.enabled() {
 		w.r.take()
 		return time.Time{}
@@ -73,8 +86,9 @@ func (w *worker) sync(ctx context.Context) time.Time {
 	for _, e := range evs {
 		w.event(w.nodeRef(), e.eventtype, e.reason, e.message)
 	}
-	if have && w.recorder != nil {
+	if have && w.recorder != nil && w.o.events {
 		w.emitTransitions(imgs)
+		w.saveReported()
 	}
 	if w.suppressed > 0 {
 		w.r.log.Warn("too many events at once; some were not sent", "node", w.r.node,
@@ -84,15 +98,24 @@ func (w *worker) sync(ctx context.Context) time.Time {
 	if !w.nodeKnown {
 		return w.getRetry.at
 	}
-	if !have || !(w.r.opts.condition || w.r.opts.taint) {
+	if !have {
 		return time.Time{}
 	}
-	w.decide(imgs, now)
-	if w.r.opts.condition {
+	if w.o.condition || w.o.taint {
+		w.decide(imgs, now)
+	}
+	if w.o.condition {
 		w.syncCondition(ctx, now)
 	}
-	if w.r.opts.taint {
+	switch {
+	case w.o.taint:
 		w.syncTaint(ctx, now, w.desired.status == corev1.ConditionTrue)
+	case w.taintOn == nil || *w.taintOn:
+		// quarantineTaint off (maybe just now, by a reload): lift ours.
+		w.syncTaint(ctx, now, false)
+	}
+	if !w.o.taint || w.desired.status != corev1.ConditionTrue {
+		w.setHeld(false, "")
 	}
 	return w.nextDeadline()
 }
@@ -109,16 +132,16 @@ func (w *worker) fetchNode(ctx context.Context, now time.Time) {
 	w.getRetry.succeeded()
 	w.nodeKnown, w.nodeUID = true, node.UID
 	for _, c := range node.Status.Conditions {
-		if c.Type != ConditionType || !w.r.opts.condition {
+		if c.Type != ConditionType || !w.o.condition {
 			continue
 		}
 		w.desired = &cond{status: c.Status, reason: c.Reason, message: c.Message}
 		w.written = w.desired
 		w.desiredSince, w.heartbeatAt = c.LastTransitionTime.Time, c.LastHeartbeatTime.Time
 	}
-	if w.r.opts.taint {
-		on := hasTaint(node.Spec.Taints)
-		w.taintOn, w.taintCheckedAt = &on, now
+	on := hasTaint(node.Spec.Taints)
+	w.taintOn, w.taintCheckedAt = &on, now
+	if w.o.taint {
 		if on && w.desired == nil {
 			// condition off: remember the quarantine for the hold rule in decide
 			w.desired = &cond{status: corev1.ConditionTrue}
@@ -272,7 +295,18 @@ func (w *worker) syncTaint(ctx context.Context, now time.Time, want bool) {
 	if w.taintRetry.waiting(now) {
 		return
 	}
+	if want && w.held && now.Before(w.heldRetryAt) {
+		return
+	}
 	changed, err := w.reconcileTaint(ctx, want)
+	if held := (*heldBackError)(nil); errors.As(err, &held) {
+		// Not a failure: re-check soon, the other nodes may recover.
+		w.setHeld(true, held.Error())
+		off := false
+		w.taintRetry.succeeded()
+		w.taintOn, w.taintCheckedAt, w.heldRetryAt = &off, now, now.Add(holdRecheck)
+		return
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return // shutting down
@@ -286,6 +320,9 @@ func (w *worker) syncTaint(ctx context.Context, now time.Time, want bool) {
 	}
 	w.taintRetry.succeeded()
 	w.taintOn, w.taintCheckedAt = &want, now
+	if want {
+		w.setHeld(false, "")
+	}
 }
 
 // reconcileTaint reads the node and, when needed, patches spec.taints with
@@ -301,6 +338,11 @@ func (w *worker) reconcileTaint(ctx context.Context, want bool) (changed bool, e
 		taints, changed := withTaint(node.Spec.Taints, want)
 		if !changed {
 			return false, nil
+		}
+		if want && !hasTaint(node.Spec.Taints) {
+			if err := w.guard(ctx); err != nil {
+				return false, err
+			}
 		}
 		meta := map[string]any{}
 		if node.ResourceVersion != "" {
@@ -366,19 +408,20 @@ func (w *worker) nextDeadline() time.Time {
 			next = t
 		}
 	}
-	if w.r.opts.condition {
+	if w.o.condition {
 		if w.condRetry.fails > 0 {
 			at(w.condRetry.at)
 		} else if w.written != nil {
 			at(w.heartbeatAt.Add(w.r.opts.heartbeat))
 		}
 	}
-	if w.r.opts.taint {
-		if w.taintRetry.fails > 0 {
-			at(w.taintRetry.at)
-		} else if w.taintOn != nil {
-			at(w.taintCheckedAt.Add(w.r.opts.heartbeat))
-		}
+	switch {
+	case w.taintRetry.fails > 0 && (w.o.taint || w.taintOn == nil || *w.taintOn):
+		at(w.taintRetry.at)
+	case w.o.taint && w.held:
+		at(w.heldRetryAt)
+	case w.o.taint && w.taintOn != nil:
+		at(w.taintCheckedAt.Add(w.r.opts.heartbeat))
 	}
 	return next
 }

@@ -92,7 +92,12 @@ type options struct {
 	flavour  Flavour
 	insecure []string
 	cri      []cri.Option // StartNode's CRI client
+	sandbox  string
 }
+
+// WithSandboxImage makes ref the CRI plugin's pod sandbox ("pause") image, so
+// pods can run without registry.k8s.io (see PauseImage and RunPod).
+func WithSandboxImage(ref string) Option { return func(o *options) { o.sandbox = ref } }
 
 // WithFlavour selects the containerd line (default Containerd2).
 func WithFlavour(f Flavour) Option { return func(o *options) { o.flavour = f } }
@@ -111,6 +116,7 @@ type Containerd struct {
 	t       testing.TB
 	flavour Flavour
 	bin     string
+	sandbox string // the sandbox image ref, "" for the default
 	dir     string // root of the daemon's files (config, root, state, log)
 	sockDir string // short directory for the sockets (unix paths max 108 bytes)
 	address string
@@ -190,6 +196,7 @@ func StartContainerd(t testing.TB, opts ...Option) *Containerd {
 		t:       t,
 		flavour: o.flavour,
 		bin:     bin,
+		sandbox: o.sandbox,
 		dir:     dir,
 		sockDir: sockDir,
 		address: filepath.Join(sockDir, "c.sock"),
@@ -242,21 +249,34 @@ func (c *Containerd) config() string {
     config_path = %q
 [plugins."io.containerd.grpc.v1.cri"]
   disable_tcp_service = true
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
 [[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
   snapshotter = "native"
 `, c.certsD)
+		if c.sandbox != "" {
+			fmt.Fprintf(&b, "[plugins.\"io.containerd.cri.v1.images\".pinned_images]\n  sandbox = %q\n", c.sandbox)
+		}
 	} else {
 		fmt.Fprintf(&b, `[plugins."io.containerd.grpc.v1.cri"]
   disable_cgroup = true
   disable_tcp_service = true
+  restrict_oom_score_adj = true%s
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = %q
-`, c.certsD)
+`, sandboxLine(c.sandbox), c.certsD)
 	}
 	return b.String()
+}
+
+func sandboxLine(ref string) string {
+	if ref == "" {
+		return ""
+	}
+	return fmt.Sprintf("\n  sandbox_image = %q", ref)
 }
 
 // AddInsecureRegistry writes certs.d/HOST/hosts.toml so the CRI plugin reaches
@@ -342,6 +362,9 @@ func (c *Containerd) start() error {
 	}
 	cmd := exec.Command(c.bin, "--config", filepath.Join(c.dir, "config.toml"))
 	cmd.Stdout, cmd.Stderr = logf, logf
+	// Each line runs its own runc shim (containerd 2.x fails with 1.6's): the
+	// one installed beside the binary comes first on PATH.
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(c.bin)+string(os.PathListSeparator)+os.Getenv("PATH"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		_ = logf.Close()

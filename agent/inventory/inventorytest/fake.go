@@ -111,11 +111,30 @@ func (f *Fake) Remove(ref string) {
 	delete(f.sizes, r.id)
 }
 
-// SetContainers replaces the running containers.
+// SetContainers replaces the running containers without an event, like a
+// change that only a container relist sees.
 func (f *Fake) SetContainers(cs []cri.Container) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.containers = slices.Clone(cs)
+}
+
+// StartContainer adds a running container and publishes its task start
+// event, like containerd.
+func (f *Fake) StartContainer(c cri.Container) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.containers = append(slices.Clone(f.containers), c)
+	f.publish(cri.Event{Topic: cri.TopicTaskStart, Name: c.ID})
+}
+
+// StopContainer removes the running container id and publishes its task
+// exit event, like containerd.
+func (f *Fake) StopContainer(id string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.containers = slices.DeleteFunc(slices.Clone(f.containers), func(c cri.Container) bool { return c.ID == id })
+	f.publish(cri.Event{Topic: cri.TopicTaskExit, Name: id})
 }
 
 // SetDown makes every call fail with cri.ErrUnavailable and ends every open
