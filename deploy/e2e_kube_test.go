@@ -1,9 +1,5 @@
-//go:build e2e_kube
-
-// The install end to end against a real kube-apiserver. It needs the
-// control-plane harness (harness.StartKube, harness.Pods) of the
-// Kubernetes-harness branch; until that is on main this file is left out of
-// the build by its tag (go test -tags e2e_kube ./... runs it).
+// The install end to end against a real kube-apiserver (harness.StartKube)
+// with real pods (harness.Pods).
 
 package deploy
 
