@@ -3,6 +3,7 @@ package report
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -84,7 +85,34 @@ func (w *worker) emitTransitions(imgs []nodestate.Image) {
 			next[im.Digest] = cur
 		}
 	}
+	// What the last run reported is kept until its digest shows up in a
+	// list: the first states after a start may not list every image yet.
+	// A digest that never shows up (removed meanwhile) is dropped after
+	// keepUnseen.
+	if len(w.unseen) > 0 {
+		expired := w.r.opts.clock.Since(w.loadedAt) > keepUnseen
+		for d := range w.unseen {
+			if _, ok := next[d]; ok || expired || listed(imgs, d) {
+				delete(w.unseen, d)
+				continue
+			}
+			next[d] = w.reported[d]
+		}
+	}
 	w.reported = next
+}
+
+// keepUnseen is how long a reported digest loaded from the state file is
+// kept while no list names it.
+const keepUnseen = 10 * time.Minute
+
+func listed(imgs []nodestate.Image, digest string) bool {
+	for i := range imgs {
+		if imgs[i].Digest == digest {
+			return true
+		}
+	}
+	return false
 }
 
 func samePods(told map[string]bool, pods []string) bool {

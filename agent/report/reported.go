@@ -56,8 +56,10 @@ func (w *worker) loadReported() {
 			m[p] = told
 		}
 		w.reported[d] = m
+		w.unseen[d] = true
 	}
 	w.saved = b
+	w.loadedAt = w.r.opts.clock.Now()
 }
 
 // saveReported writes the reported set to the state file when it changed

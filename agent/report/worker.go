@@ -36,6 +36,10 @@ type worker struct {
 	o        liveOptions          // the options of the current sync
 	reported reportedSet
 	saved    []byte // reported as last written to the state file
+	// unseen are digests loaded from the state file that no list has named
+	// yet; loadedAt is when they were loaded.
+	unseen   map[string]bool
+	loadedAt time.Time
 	// sent and suppressed count the events of the current sync.
 	sent, suppressed int
 
@@ -60,7 +64,7 @@ type worker struct {
 }
 
 func newWorker(r *Reporter) *worker {
-	w := &worker{r: r, reported: reportedSet{}}
+	w := &worker{r: r, reported: reportedSet{}, unseen: map[string]bool{}}
 	w.loadReported()
 	return w
 }

@@ -193,7 +193,7 @@ func StartKube(t testing.TB) *Kube {
 	k.URL = fmt.Sprintf("https://127.0.0.1:%d", port)
 	k.args = []string{
 		"--etcd-servers", clientURL,
-		"--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+		"--bind-address", "127.0.0.1",
 		"--secure-port", strconv.Itoa(port),
 		"--tls-cert-file", filepath.Join(dir, "tls.crt"), "--tls-private-key-file", filepath.Join(dir, "tls.key"),
 		"--token-auth-file", filepath.Join(dir, "tokens.csv"),
