@@ -30,6 +30,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"go/build"
 	"net"
 	"os"
 	"os/exec"
@@ -66,8 +67,11 @@ var (
 	Containerd16 = Flavour{Name: "containerd-1.6", Bin: "/usr/bin/containerd", Env: "PINWARDEN_CONTAINERD16_BIN", ConfigVersion: 2}
 	// Containerd2 is containerd 2.x (config version 3, CRI split into
 	// io.containerd.cri.v1.images / runtime and the transfer service).
-	Containerd2 = Flavour{Name: "containerd-2.4", Bin: "/root/go/bin/containerd", Env: "PINWARDEN_CONTAINERD_BIN", ConfigVersion: 3}
+	Containerd2 = Flavour{Name: "containerd-2.4", Bin: goBin("containerd"), Env: "PINWARDEN_CONTAINERD_BIN", ConfigVersion: 3}
 )
+
+// goBin is the path of a tool that `.ci/install.sh` puts in $(go env GOPATH)/bin.
+func goBin(name string) string { return filepath.Join(build.Default.GOPATH, "bin", name) }
 
 // Flavours returns every containerd flavour, for tests that run one subtest
 // per flavour:

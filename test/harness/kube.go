@@ -35,8 +35,8 @@ import (
 // (etcd-server) and builds kube-apiserver and kubectl v1.37 into GOPATH/bin.
 var (
 	EtcdBin          = envOr("PINWARDEN_ETCD_BIN", "/usr/bin/etcd")
-	KubeAPIServerBin = envOr("PINWARDEN_KUBE_APISERVER_BIN", "/root/go/bin/kube-apiserver")
-	KubectlBin       = envOr("PINWARDEN_KUBECTL_BIN", "/root/go/bin/kubectl")
+	KubeAPIServerBin = envOr("PINWARDEN_KUBE_APISERVER_BIN", goBin("kube-apiserver"))
+	KubectlBin       = envOr("PINWARDEN_KUBECTL_BIN", goBin("kubectl"))
 )
 
 func envOr(key, def string) string {
