@@ -78,7 +78,7 @@ type grpcRuntime struct {
 func (g grpcRuntime) ListContainers(ctx context.Context, filter *runtimeapi.ContainerFilter) ([]*runtimeapi.Container, error) {
 	resp, err := g.c.ListContainers(ctx, &runtimeapi.ListContainersRequest{Filter: filter})
 	if err != nil {
-		return nil, err //nolint:wrapcheck // wrapped by the caller
+		return nil, err // wrapped by the caller
 	}
 	return resp.GetContainers(), nil
 }

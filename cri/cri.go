@@ -152,16 +152,6 @@ func (c *Client) Close() error {
 	return nil
 }
 
-// Ping checks that the CRI image service answers.
-func (c *Client) Ping(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	if _, err := c.images.ImageFsInfo(ctx, &runtimeapi.ImageFsInfoRequest{}); err != nil {
-		return fmt.Errorf("ping runtime: %w", mapErr(err))
-	}
-	return nil
-}
-
 func (c *Client) nsContext(ctx context.Context) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "containerd-namespace", c.namespace)
 }

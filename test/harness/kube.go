@@ -81,7 +81,7 @@ func startProc(t testing.TB, name, logPath string, bin string, args ...string) (
 	if err != nil {
 		return nil, fmt.Errorf("%s log: %w", name, err)
 	}
-	cmd := exec.Command(bin, args...) //nolint:gosec // test harness runs a known binary
+	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -321,7 +321,7 @@ func (k *Kube) Kubectl(stdin []byte, args ...string) (string, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, KubectlBin, append([]string{"--kubeconfig", kc}, args...)...) //nolint:gosec // known binary
+	cmd := exec.CommandContext(ctx, KubectlBin, append([]string{"--kubeconfig", kc}, args...)...)
 	if stdin != nil {
 		cmd.Stdin = bytes.NewReader(stdin)
 	}
