@@ -6,6 +6,7 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -190,6 +191,30 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 	find(t, render(t, "kubernetes/quarantine"), "ClusterRoleBinding", "pinwarden-quarantine", &crb)
 	if len(crb.Subjects) != 1 || crb.Subjects[0].Name != "pinwarden" || crb.Subjects[0].Namespace != "pinwarden-system" {
 		t.Errorf("quarantine binding subjects = %+v", crb.Subjects)
+	}
+}
+
+// TestGuardComponentAddsListNodes: `list nodes` comes only with the guard
+// component (the contract's RBAC), composed with the quarantine as its
+// kustomization comment says.
+func TestGuardComponentAddsListNodes(t *testing.T) {
+	abs, err := filepath.Abs("kubernetes")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	rel, err := filepath.Rel(dir, abs) // kustomize takes no absolute roots
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s/base]\n"+
+		"components: [%s/components/quarantine, %s/components/guard]\n", rel, rel, rel)
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	want := []rule{{"", "events", "create"}, {"", "events", "patch"}, {"", "nodes", "get"}, {"", "nodes", "list"}, {"", "nodes", "patch"}, {"", "nodes/status", "patch"}}
+	if got := rules(t, render(t, dir)); !slices.Equal(got, want) {
+		t.Errorf("base + quarantine + guard: ClusterRole rules = %v, want %v", got, want)
 	}
 }
 
