@@ -293,6 +293,11 @@ func TestDaemonSetPosture(t *testing.T) {
 	if hp := volumes[mounts["/var/lib/pinwarden"].Name].HostPath; hp == nil || hp.Path != "/var/lib/pinwarden" {
 		t.Error("state is not in hostPath /var/lib/pinwarden")
 	}
+	hosts, ok := mounts["/etc/containerd/certs.d"]
+	check(ok && hosts.ReadOnly, "containerd's hosts dir /etc/containerd/certs.d is not mounted read-only")
+	if hp := volumes[hosts.Name].HostPath; hp == nil || hp.Path != "/etc/containerd/certs.d" {
+		t.Errorf("hosts volume = %+v, want hostPath /etc/containerd/certs.d", volumes[hosts.Name])
+	}
 
 	check(c.ReadinessProbe != nil && c.ReadinessProbe.HTTPGet != nil && c.ReadinessProbe.HTTPGet.Path == "/readyz", "readiness probe is not /readyz")
 	check(c.LivenessProbe != nil && c.LivenessProbe.HTTPGet != nil && c.LivenessProbe.HTTPGet.Path == "/healthz", "liveness probe is not /healthz")
