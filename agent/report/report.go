@@ -246,7 +246,7 @@ func (r *Reporter) Run(ctx context.Context) error {
 	klogger := logr.FromSlogHandler(r.log.Handler())
 	b := record.NewBroadcaster(record.WithContext(klog.NewContext(ctx, klogger)))
 	defer b.Shutdown()
-	b.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: r.client.CoreV1().Events("")})
+	b.StartRecordingToSink(retryingSink{&typedcorev1.EventSinkImpl{Interface: r.client.CoreV1().Events("")}})
 	w.recorder = b.NewRecorder(scheme.Scheme, corev1.EventSource{Component: Component, Host: r.node}).WithLogger(klogger)
 	for {
 		next := w.sync(ctx)
