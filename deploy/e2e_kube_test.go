@@ -6,6 +6,7 @@ package deploy
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,9 +48,13 @@ func TestInstallOnAPIServer(t *testing.T) {
 	if out, err := k.Kubectl(nil, "apply", "--server-side", "-f", monitoringCRDs(t)); err != nil {
 		t.Fatalf("monitoring CRDs: %v\n%s", err, out)
 	}
-	if out, err := k.Kubectl(nil, "wait", "--for=condition=Established", "--timeout=60s",
-		"crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com"); err != nil {
-		t.Fatalf("CRDs not established: %v\n%s", err, out)
+	// Not `kubectl wait --for=condition=Established`: it fails outright when
+	// it reads a CRD before the API server has set any condition on it.
+	for _, crd := range []string{"servicemonitors.monitoring.coreos.com", "prometheusrules.monitoring.coreos.com"} {
+		harness.Eventually(t, 60*time.Second, crd+" established", func() (bool, string) {
+			out, err := k.Kubectl(nil, "get", "crd/"+crd, "-o", `jsonpath={.status.conditions[?(@.type=="Established")].status}`)
+			return err == nil && strings.TrimSpace(out) == "True", fmt.Sprintf("%q, %v", out, err)
+		})
 	}
 	for _, dir := range []string{"kubernetes", "kubernetes/all"} {
 		abs, err := filepath.Abs(dir)

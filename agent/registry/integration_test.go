@@ -2,7 +2,6 @@ package registry_test
 
 import (
 	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"net/http"
 	"os"
@@ -27,41 +26,11 @@ const (
 // each giving user/pass for host.
 func credSources(t *testing.T, host string) map[string]registry.Options {
 	t.Helper()
-	dir := t.TempDir()
-	b64 := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
-	static := filepath.Join(dir, "static.json")
-	writeFile(t, static, `{"auths": {"`+host+`": {"auth": "`+b64+`"}}}`)
-
-	helperDir := filepath.Join(dir, "helpers")
-	if err := os.Mkdir(helperDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.FakeBinary(t, "credhelper", helperDir, "docker-credential-pwtest")
-	store, _ := json.Marshal(map[string]map[string]string{host: {"Username": user, "Secret": pass}})
-	writeFile(t, filepath.Join(helperDir, "store.json"), string(store))
-	helped := filepath.Join(dir, "helped.json")
-	writeFile(t, helped, `{"credHelpers": {"`+host+`": "pwtest"}}`)
-
-	binDir := filepath.Join(dir, "plugins")
-	if err := os.Mkdir(binDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.FakeBinary(t, "credprovider", binDir, "pw-plugin")
-	auth, _ := json.Marshal(map[string]any{host: map[string]string{"username": user, "password": pass}})
-	cpc := filepath.Join(dir, "credential-provider.yaml")
-	writeFile(t, cpc, fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1
-kind: CredentialProviderConfig
-providers:
-- name: pw-plugin
-  matchImages: [%q]
-  defaultCacheDuration: 10m
-  apiVersion: credentialprovider.kubelet.k8s.io/v1
-  env: [{name: FAKE_CP_AUTH, value: %q}]
-`, host, auth))
+	c := harness.WriteNodeCredentials(t, host, user, pass)
 	return map[string]registry.Options{
-		"docker config auths":         {Registries: config.Registries{DockerConfig: static}},
-		"docker credential helper":    {Registries: config.Registries{DockerConfig: helped}, CredentialHelperDir: helperDir},
-		"kubelet credential provider": {Registries: config.Registries{CredentialProviderConfig: cpc, CredentialProviderBinDir: binDir}},
+		"docker config auths":         {Registries: config.Registries{DockerConfig: c.DockerConfig}},
+		"docker credential helper":    {Registries: config.Registries{DockerConfig: c.HelperConfig}, CredentialHelperDir: c.HelperDir},
+		"kubelet credential provider": {Registries: config.Registries{CredentialProviderConfig: c.ProviderConfig, CredentialProviderBinDir: c.ProviderBinDir}},
 	}
 }
 

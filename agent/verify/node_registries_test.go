@@ -18,8 +18,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
@@ -48,36 +46,11 @@ func writeTestFile(t *testing.T, p, body string) {
 // giving nodeUser/nodePass for host.
 func nodeCredentials(t *testing.T, host string) map[string]Options {
 	t.Helper()
-	dir := t.TempDir()
-	static := filepath.Join(dir, "static.json")
-	writeTestFile(t, static, `{"auths": {"`+host+`": {"auth": "`+base64.StdEncoding.EncodeToString([]byte(nodeUser+":"+nodePass))+`"}}}`)
-
-	helperDir := filepath.Join(dir, "helpers")
-	writeTestFile(t, filepath.Join(helperDir, "store.json"), fmt.Sprintf(`{%q: {"Username": %q, "Secret": %q}}`, host, nodeUser, nodePass))
-	harness.FakeBinary(t, "credhelper", helperDir, "docker-credential-pwtest")
-	helped := filepath.Join(dir, "helped.json")
-	writeTestFile(t, helped, `{"credHelpers": {"`+host+`": "pwtest"}}`)
-
-	binDir := filepath.Join(dir, "plugins")
-	if err := os.MkdirAll(binDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.FakeBinary(t, "credprovider", binDir, "pw-plugin")
-	auth, _ := json.Marshal(map[string]any{host: map[string]string{"username": nodeUser, "password": nodePass}})
-	cpc := filepath.Join(dir, "credential-provider.yaml")
-	writeTestFile(t, cpc, fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1
-kind: CredentialProviderConfig
-providers:
-- name: pw-plugin
-  matchImages: [%q]
-  defaultCacheDuration: 10m
-  apiVersion: credentialprovider.kubelet.k8s.io/v1
-  env: [{name: FAKE_CP_AUTH, value: %q}]
-`, host, auth))
+	c := harness.WriteNodeCredentials(t, host, nodeUser, nodePass)
 	return map[string]Options{
-		"docker config auths":         {Registries: config.Registries{DockerConfig: static}},
-		"docker credential helper":    {Registries: config.Registries{DockerConfig: helped}, CredentialHelperDir: helperDir},
-		"kubelet credential provider": {Registries: config.Registries{CredentialProviderConfig: cpc, CredentialProviderBinDir: binDir}},
+		"docker config auths":         {Registries: config.Registries{DockerConfig: c.DockerConfig}},
+		"docker credential helper":    {Registries: config.Registries{DockerConfig: c.HelperConfig}, CredentialHelperDir: c.HelperDir},
+		"kubelet credential provider": {Registries: config.Registries{CredentialProviderConfig: c.ProviderConfig, CredentialProviderBinDir: c.ProviderBinDir}},
 	}
 }
 
@@ -297,20 +270,8 @@ func TestPullThroughMirrorUpstreamStopped(t *testing.T) {
 		t.Fatalf("through the mirror: %s/%s: %q", res.Verdict, res.Reason, res.Detail)
 	}
 	// The cache stores blobs after serving them: wait for the signature layers.
-	sigRef, err := name.ParseReference(upstream.Host+"/team/app:"+strings.Replace(digest, ":", "-", 1)+".sig", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sigImg, err := remote.Image(sigRef, remote.WithContext(t.Context()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := sigImg.Manifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range m.Layers {
-		mirror.WaitBlobStored(t, l.Digest.String())
+	for _, l := range harness.SignatureLayers(t, upstream.Host+"/team/app", digest) {
+		mirror.WaitBlobStored(t, l)
 	}
 	upstream.Stop()
 	v2, err := New(o)

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/pinwarden/pinwarden/agent/config"
 	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
@@ -161,20 +159,8 @@ func TestNodePullsThroughMirror(t *testing.T) {
 		t.Fatalf("pinwarden via the mirror: %s/%s: %s", res.Verdict, res.Reason, res.Detail)
 	}
 	// The mirror stores blobs after serving them.
-	sig, err := name.ParseReference(upstream.Host+"/team/app:"+strings.Replace(digest, ":", "-", 1)+".sig", name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, err := remote.Image(sig, remote.WithContext(t.Context()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := img.Manifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, l := range m.Layers {
-		mirror.WaitBlobStored(t, l.Digest.String())
+	for _, l := range harness.SignatureLayers(t, upstream.Host+"/team/app", digest) {
+		mirror.WaitBlobStored(t, l)
 	}
 	upstream.Stop()
 	v2, err := verify.New(opts)
