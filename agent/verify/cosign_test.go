@@ -1,6 +1,7 @@
 package verify
 
 import (
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -75,12 +76,18 @@ func TestCosignCLI(t *testing.T) {
 	run("sign", "--key", "cosign.key", "--tlog-upload=false", "--new-bundle-format", "--allow-http-registry", "-y", bundled.String())
 
 	p := policyFor(t, "policies:\n- name: test\n  images: [\"**\"]\n  keys: ["+filepath.Join(dir, "cosign.pub")+"]\n")
-	v := newTestVerifier(t, reg, nil)
+	ct := &countingTransport{next: http.DefaultTransport}
+	v := newTestVerifier(t, reg, func(o *Options) { o.Transport = ct })
 	for _, d := range []struct{ repo, digest string }{{legacy.Context().Name(), legacy.DigestStr()}, {bundled.Context().Name(), bundled.DigestStr()}} {
 		res := v.Verify(t.Context(), p, d.repo, d.digest)
 		if res.Verdict != verdict.Verified {
 			t.Errorf("%s: got %s/%s (%s)", d.repo, res.Verdict, res.Reason, res.Detail)
 		}
+	}
+	// The CLI's legacy payload is the one knownPayload rebuilds: its
+	// layer is never fetched.
+	if ct.sawPrefix("/v2/cli/legacy/blobs/") {
+		t.Errorf("the legacy signature layer was fetched; want it rebuilt (requests: %v)", ct.paths)
 	}
 	// The legacy signature of one image must not verify the other.
 	res := v.Verify(t.Context(), p, legacy.Context().Name(), bundled.DigestStr())

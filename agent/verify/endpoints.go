@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -223,13 +224,24 @@ func (v *Verifier) verifyEndpoints(ctx context.Context, p *policy.Policy, repo, 
 	if len(usable) == 0 {
 		return nil, "", &RegistryError{Err: fmt.Errorf("containerd hosts config for %s: no endpoint may resolve tags", host)}
 	}
+	// The names the image may have been signed under: cosign writes the
+	// repository it signed as docker-reference. The registry's own name
+	// first; an endpoint's name is added below.
+	var signedAs []string
+	if up, err := v.repository(repo); err == nil {
+		signedAs = append(signedAs, up.Name())
+	}
 	var notes []string
 	for i, e := range usable {
 		r, plain, err := v.endpointRepository(e, host, path)
 		if err != nil {
 			return nil, "", fmt.Errorf("repository %q at %s: %w", repo, e.Host, err)
 		}
-		signers, err := v.verifyAt(ctx, p, r, plain, digest)
+		names := signedAs
+		if !slices.Contains(names, r.Name()) {
+			names = append(slices.Clip(names), r.Name())
+		}
+		signers, err := v.verifyAt(ctx, p, r, plain, digest, names)
 		if err == nil {
 			return signers, strings.Join(notes, "; "), nil
 		}

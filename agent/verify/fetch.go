@@ -20,6 +20,7 @@ import (
 	"github.com/sigstore/cosign/v2/pkg/oci"
 	"github.com/sigstore/cosign/v2/pkg/oci/static"
 	sgbundle "github.com/sigstore/sigstore-go/pkg/bundle"
+	"github.com/sigstore/sigstore/pkg/signature/payload"
 )
 
 // Annotation keys of cosign's legacy signature layers.
@@ -77,7 +78,11 @@ func parseImageManifest(desc *remote.Descriptor) (*v1.Manifest, error) {
 // or too-large layers before reading any blob, then reads the layers one at
 // a time and hands each to check, until check returns true (the threshold
 // is met). A layer is dropped before the next is read.
-func (v *Verifier) eachLegacy(ctx context.Context, puller *remote.Puller, d name.Digest, check func(legacySig) bool) error {
+//
+// A layer whose payload is the one cosign writes for d under one of
+// signedAs is not fetched (knownPayload): one request per signature instead
+// of two in the common case.
+func (v *Verifier) eachLegacy(ctx context.Context, puller *remote.Puller, d name.Digest, signedAs []string, check func(legacySig) bool) error {
 	tag := d.Context().Tag(strings.Replace(d.DigestStr(), ":", "-", 1) + ".sig")
 	desc, err := puller.Get(ctx, tag)
 	if isNotFound(err) {
@@ -100,13 +105,44 @@ func (v *Verifier) eachLegacy(ctx context.Context, puller *remote.Puller, d name
 	}
 	desc = nil // the manifest's bytes are no longer needed
 	for _, l := range m.Layers {
-		payload, err := v.fetchBlob(ctx, puller, d.Context(), l)
-		if err != nil {
-			return err
+		payload := knownPayload(l, d.DigestStr(), signedAs)
+		if payload == nil {
+			var err error
+			if payload, err = v.fetchBlob(ctx, puller, d.Context(), l); err != nil {
+				return err
+			}
 		}
 		sig, bad := buildSignature(payload, l.Annotations)
 		if check(legacySig{sig: sig, bad: bad}) {
 			return nil
+		}
+	}
+	return nil
+}
+
+// knownPayload returns the payload of signature layer l without fetching
+// it, when it is exactly the one cosign writes for digest signed as one of
+// names with no annotations (`cosign sign` without -a): such a payload is
+// fully determined by the two, so it is built here and its SHA-256 checked
+// against l's digest, the same check a fetched blob must pass. The
+// signature over it is then verified as usual, so this trusts nothing more
+// than a fetch would. Any other payload (annotations, a claimed tag, another
+// signer's format) does not match and is fetched: nil.
+func knownPayload(l v1.Descriptor, digest string, names []string) []byte {
+	if l.Digest.Algorithm != "sha256" {
+		return nil
+	}
+	for _, n := range names {
+		b, err := json.Marshal(payload.SimpleContainerImage{Critical: payload.Critical{
+			Identity: payload.Identity{DockerReference: n},
+			Image:    payload.Image{DockerManifestDigest: digest},
+			Type:     payload.CosignSignatureType,
+		}})
+		if err != nil || int64(len(b)) != l.Size {
+			continue
+		}
+		if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) == l.Digest.Hex {
+			return b
 		}
 	}
 	return nil

@@ -160,8 +160,10 @@ func TestVerifyWithNodeCredentialsOverTLS(t *testing.T) {
 
 // TestRequestsPerColdVerificationDistribution counts the requests a registry sees: the
 // ping and the auth challenge are per host, so a new repository in a known
-// host costs the signature requests (manifest + layer) plus, with bearer
-// auth, one token.
+// host costs the signature requests plus, with bearer auth, one token. The
+// signature requests are the manifest alone when the payload is the one
+// cosign writes for the name being verified (knownPayload), else manifest
+// and layer.
 func TestRequestsPerColdVerificationDistribution(t *testing.T) {
 	t.Parallel()
 	ca := harness.NewCA(t)
@@ -169,10 +171,14 @@ func TestRequestsPerColdVerificationDistribution(t *testing.T) {
 	d := harness.StartDistributionWith(t, harness.DistributionOptions{Token: front.Auth, Seed: true})
 	front.Serve(t, d.Host, ca.Issue("front"))
 	signer := harness.NewSigner(t)
+	repos := []string{"a", "b", "c"}
+	// a and b are signed under the name pinwarden verifies; c under the
+	// seed's name, so its payload must be fetched.
+	signAs := []string{front.Host + "/team/a", front.Host + "/team/b", ""}
 	var digests []string
-	for _, repo := range []string{"a", "b", "c"} {
+	for i, repo := range repos {
 		dg := harness.PushRandomImage(t, d.SeedHost+"/team/"+repo+":v1", 256)
-		signer.Sign(t, d.SeedHost+"/team/"+repo, dg)
+		signer.SignWith(t, d.SeedHost+"/team/"+repo, dg, harness.SignOptions{As: signAs[i]})
 		digests = append(digests, dg)
 	}
 	o := nodeCredentials(t, front.Host)["docker config auths"]
@@ -182,8 +188,8 @@ func TestRequestsPerColdVerificationDistribution(t *testing.T) {
 		t.Fatal(err)
 	}
 	p := signerPolicy(t, signer)
-	want := []int64{4, 3, 3} // ping+token+manifest+layer, then token+manifest+layer
-	for i, repo := range []string{"a", "b", "c"} {
+	want := []int64{3, 2, 3} // ping+token+manifest, then token+manifest, then token+manifest+layer
+	for i, repo := range repos {
 		before := front.Requests.Load()
 		res := v.Verify(t.Context(), p, front.Host+"/team/"+repo, digests[i])
 		if res.Verdict != verdict.Verified {
@@ -193,26 +199,28 @@ func TestRequestsPerColdVerificationDistribution(t *testing.T) {
 			t.Errorf("repository %s: %d requests, want %d", repo, got, want[i])
 		}
 	}
-	// Anonymous registry: 3 cold, then 2 per new repository.
+	// Anonymous registry: ping+manifest cold, then the manifest alone per
+	// new repository; an annotated payload adds its layer.
 	reg := harness.StartDistributionWith(t, harness.DistributionOptions{})
 	counting := &countingProxy{}
 	host := counting.start(t, reg.Host)
-	for _, repo := range []string{"a", "b"} {
+	opts := []harness.SignOptions{{As: host + "/team/a"}, {As: host + "/team/b"}, {As: host + "/team/c", Annotations: map[string]any{"build": "42"}}}
+	for i, repo := range repos {
 		dg := harness.PushRandomImage(t, reg.Host+"/team/"+repo+":v1", 256)
-		signer.Sign(t, reg.Host+"/team/"+repo, dg)
+		signer.SignWith(t, reg.Host+"/team/"+repo, dg, opts[i])
 		digests = append(digests, dg)
 	}
 	va, err := New(Options{Registries: config.Registries{Insecure: []string{host}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, repo := range []string{"a", "b"} {
+	for i, repo := range repos {
 		before := counting.n.Load()
 		res := va.Verify(t.Context(), p, host+"/team/"+repo, digests[3+i])
 		if res.Verdict != verdict.Verified {
 			t.Fatalf("anonymous %s: %s/%s: %s", repo, res.Verdict, res.Reason, res.Detail)
 		}
-		if got, want := counting.n.Load()-before, []int64{3, 2}[i]; got != want {
+		if got, want := counting.n.Load()-before, []int64{2, 1, 2}[i]; got != want {
 			t.Errorf("anonymous repository %s: %d requests, want %d", repo, got, want)
 		}
 	}
@@ -257,7 +265,9 @@ func TestPullThroughMirrorUpstreamStopped(t *testing.T) {
 	upstream := harness.StartDistributionWith(t, harness.DistributionOptions{})
 	signer := harness.NewSigner(t)
 	digest := harness.PushRandomImage(t, upstream.Host+"/team/app:v1", 256)
-	signer.Sign(t, upstream.Host+"/team/app", digest)
+	// With an annotation, so that the signature layer is fetched through
+	// the mirror (not rebuilt: see knownPayload) and must be cached there.
+	signer.SignWith(t, upstream.Host+"/team/app", digest, harness.SignOptions{Annotations: map[string]any{"build": "42"}})
 	mirror := harness.StartDistributionWith(t, harness.DistributionOptions{ProxyRemoteURL: "http://" + upstream.Host})
 	hostsDir := certsD(t, upstream.Host, fmt.Sprintf("server = \"http://%s\"\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream.Host, mirror.Host))
 	p := signerPolicy(t, signer)

@@ -121,11 +121,16 @@ func (o *Options) defaults() {
 	if o.RegistryBurst <= 0 {
 		o.RegistryBurst = 100
 	}
-	if o.Transport == nil {
-		o.Transport = http.DefaultTransport
-	}
 	if o.MaxInFlightPerHost <= 0 {
 		o.MaxInFlightPerHost = 16
+	}
+	if o.Transport == nil {
+		// http.DefaultTransport keeps 2 idle connections per host: at 16
+		// requests in flight, 14 of every 16 responses would close their
+		// connection and the next request dial again.
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = o.MaxInFlightPerHost
+		o.Transport = t
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -158,7 +163,7 @@ func New(opts Options) (*Verifier, error) {
 	for _, h := range opts.Registries.Insecure {
 		insecure[strings.ToLower(h)] = true
 	}
-	hr := hosts.New(opts.Registries.ContainerdHostsDir)
+	hr := hosts.New(opts.Registries.ContainerdHostsDir, hosts.WithIdleConnsPerHost(opts.MaxInFlightPerHost))
 	v := &Verifier{opts: opts, keychain: kc, hosts: hr, sessions: newSessions(), insecure: insecure, log: opts.Logger}
 	next := hr.Transport(opts.Transport)
 	v.rt = &guardTransport{
@@ -302,8 +307,9 @@ func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest st
 }
 
 // verifyAt fetches and checks the signatures of digest at one endpoint's
-// repository r.
-func (v *Verifier) verifyAt(ctx context.Context, p *policy.Policy, r name.Repository, plain bool, digest string) ([]string, error) {
+// repository r. signedAs are the repository names the image may have been
+// signed under (see knownPayload).
+func (v *Verifier) verifyAt(ctx context.Context, p *policy.Policy, r name.Repository, plain bool, digest string, signedAs []string) ([]string, error) {
 	puller, err := v.pullerFor(ctx, r, plain)
 	if err != nil {
 		return nil, err
@@ -313,7 +319,7 @@ func (v *Verifier) verifyAt(ctx context.Context, p *policy.Policy, r name.Reposi
 
 	// Signatures are read and checked one at a time, and dropped before the
 	// next is read; the first time the threshold is met ends the search.
-	err = v.eachLegacy(ctx, puller, d, func(s legacySig) bool {
+	err = v.eachLegacy(ctx, puller, d, signedAs, func(s legacySig) bool {
 		v.checkLegacy(ctx, p, s, d, t)
 		return t.met()
 	})

@@ -68,12 +68,38 @@ func (s *Signer) Sign(t testing.TB, repo, digest string) {
 	}
 }
 
+// SignOptions vary the payload Signer.SignWith signs.
+type SignOptions struct {
+	// As is the payload's docker-reference (default: the repository the
+	// signature is pushed to): an image signed under the name users pull
+	// it by, and pushed through another name of the same registry.
+	As string
+	// Annotations go in the payload's "optional" (`cosign sign -a`).
+	Annotations map[string]any
+}
+
+// SignWith is Sign with the payload varied by o.
+func (s *Signer) SignWith(t testing.TB, repo, digest string, o SignOptions) {
+	t.Helper()
+	d, err := name.NewDigest(repo+"@"+digest, name.Insecure)
+	if err != nil {
+		t.Fatalf("parse %s@%s: %v", repo, digest, err)
+	}
+	if err := signDigest(t.Context(), s.sv, d, payload.Cosign{Image: d, ClaimedIdentity: o.As, Annotations: o.Annotations}); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // SignDigest signs d with signer the way `cosign sign --key` does (a
 // simple-signing payload in a legacy .sig manifest, no transparency log) and
 // pushes the signature to d's repository. Signer.Sign and make demo's
 // demotool share it.
 func SignDigest(ctx context.Context, signer signature.Signer, d name.Digest) error {
-	pl, err := json.Marshal(payload.Cosign{Image: d})
+	return signDigest(ctx, signer, d, payload.Cosign{Image: d})
+}
+
+func signDigest(ctx context.Context, signer signature.Signer, d name.Digest, p payload.Cosign) error {
+	pl, err := json.Marshal(p)
 	if err != nil {
 		return fmt.Errorf("payload: %w", err)
 	}

@@ -140,7 +140,10 @@ func TestNodePullsThroughMirror(t *testing.T) {
 	upstream := harness.StartDistributionWith(t, harness.DistributionOptions{})
 	signer := harness.NewSigner(t)
 	digest := harness.PushRandomImage(t, upstream.Host+"/team/app:v1", 1024)
-	signer.Sign(t, upstream.Host+"/team/app", digest)
+	// With an annotation, so that pinwarden fetches the signature layer
+	// through the mirror (a plain cosign payload is rebuilt, not fetched)
+	// and the mirror must keep it.
+	signer.SignWith(t, upstream.Host+"/team/app", digest, harness.SignOptions{Annotations: map[string]any{"build": "42"}})
 	mirror := harness.StartDistributionWith(t, harness.DistributionOptions{ProxyRemoteURL: "http://" + upstream.Host})
 
 	ctd, c := startNode(t)

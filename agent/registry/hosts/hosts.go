@@ -55,6 +55,8 @@ type Resolver struct {
 	dir string
 	ttl time.Duration
 	now func() time.Time
+	// idlePerHost is the idle connections kept per endpoint host.
+	idlePerHost int
 
 	mu    sync.Mutex // guards cache and byEndpoint
 	cache map[string]cached
@@ -69,11 +71,24 @@ type cached struct {
 	born  time.Time
 }
 
+// Option configures a Resolver.
+type Option func(*Resolver)
+
+// WithIdleConnsPerHost keeps up to n idle connections per endpoint host
+// (default 2, net/http's). Set it to the requests in flight per host:
+// with fewer, every response past the first n closes its connection and
+// the next request dials (and on TLS, handshakes) again.
+func WithIdleConnsPerHost(n int) Option { return func(r *Resolver) { r.idlePerHost = n } }
+
 // New returns a Resolver for dir (containerd's config_path, e.g.
 // /etc/containerd/certs.d). An empty or missing dir configures nothing:
 // every host is its own single upstream.
-func New(dir string) *Resolver {
-	return &Resolver{dir: dir, ttl: time.Minute, now: time.Now, cache: map[string]cached{}, byEndpoint: map[string]Endpoint{}}
+func New(dir string, opts ...Option) *Resolver {
+	r := &Resolver{dir: dir, ttl: time.Minute, now: time.Now, cache: map[string]cached{}, byEndpoint: map[string]Endpoint{}}
+	for _, o := range opts {
+		o(r)
+	}
+	return r
 }
 
 // Endpoints returns the endpoints of registry host in pull order.
@@ -136,7 +151,16 @@ func (r *Resolver) load(ctx context.Context, host string) ([]Endpoint, error) {
 	} else if err != nil {
 		return nil, fmt.Errorf("containerd hosts dir %s: %w", r.dir, err)
 	}
-	rhosts, err := config.ConfigureHosts(ctx, config.HostOptions{HostDir: config.HostDirFromRoot(r.dir)})(host)
+	rhosts, err := config.ConfigureHosts(ctx, config.HostOptions{
+		HostDir: config.HostDirFromRoot(r.dir),
+		UpdateClient: func(c *http.Client) error {
+			if t, ok := c.Transport.(*http.Transport); ok && r.idlePerHost > 0 {
+				t.MaxIdleConnsPerHost = r.idlePerHost
+				t.MaxIdleConns = max(t.MaxIdleConns, r.idlePerHost)
+			}
+			return nil
+		},
+	})(host)
 	if err != nil {
 		return nil, fmt.Errorf("containerd hosts config for %s: %w", host, err)
 	}
