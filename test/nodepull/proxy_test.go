@@ -1,6 +1,7 @@
 package nodepull
 
 import (
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -135,6 +136,17 @@ func TestVerifyThroughProxyFromEnvironment(t *testing.T) {
 			t.Errorf("HTTPS registry %s: the proxy saw %s with Authorization %q; want CONNECT only, credentials inside the tunnel", hostTLS, s.method, s.authorization)
 		}
 	}
+	// TLS ran end to end inside the tunnels: the proxy saw no credentials
+	// in what went through them either.
+	tunnelled := proxy.tunnelled.Bytes()
+	if len(tunnelled) == 0 {
+		t.Error("nothing went through the CONNECT tunnels")
+	}
+	for _, secret := range []string{pass, b64} {
+		if bytes.Contains(tunnelled, []byte(secret)) {
+			t.Errorf("the credentials crossed the proxy in clear inside a CONNECT tunnel")
+		}
+	}
 	for _, h := range []string{hostPlain, mirrorPlain} {
 		if len(byHost[h]) == 0 {
 			t.Errorf("the proxy forwarded no request for %s", h)
@@ -203,6 +215,26 @@ type forwardProxy struct {
 	seen  []proxied
 	conns []net.Conn
 	wg    sync.WaitGroup // tunnel copiers
+	// tunnelled is every byte clients sent into CONNECT tunnels.
+	tunnelled lockedBuffer
+}
+
+// lockedBuffer is a bytes.Buffer safe for concurrent writes.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) Bytes() []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return bytes.Clone(l.b.Bytes())
 }
 
 func startForwardProxy(t *testing.T, names map[string]string) *forwardProxy {
@@ -266,12 +298,12 @@ func (p *forwardProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.conns = append(p.conns, up, down)
 	p.wg.Add(2)
 	p.mu.Unlock()
-	pipe := func(dst, src net.Conn) {
+	pipe := func(dst net.Conn, src io.Reader, closeSrc net.Conn) {
 		defer p.wg.Done()
 		_, _ = io.Copy(dst, src)
 		_ = dst.Close()
-		_ = src.Close()
+		_ = closeSrc.Close()
 	}
-	go pipe(up, down)
-	go pipe(down, up)
+	go pipe(up, io.TeeReader(down, &p.tunnelled), down)
+	go pipe(down, up, up)
 }
