@@ -65,6 +65,13 @@ func TestInstallOnAPIServer(t *testing.T) {
 			t.Fatalf("kubectl apply --server-side -k %s: %v\n%s", dir, err, out)
 		}
 	}
+	// The credential provider components (with the quarantine) pass the
+	// API server's validation too: server-side dry run, nothing changed.
+	for _, tc := range credentialProviderCases {
+		if out, err := k.Kubectl(nil, "apply", "--server-side", "--dry-run=server", "-k", withComponents(t, tc.component, "quarantine")); err != nil {
+			t.Fatalf("kubectl apply --server-side --dry-run=server: base + %s + quarantine: %v\n%s", tc.component, err, out)
+		}
+	}
 
 	// A node with a running pod whose image nobody signed.
 	const node = "node-e2e"
