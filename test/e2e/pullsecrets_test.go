@@ -85,6 +85,12 @@ func TestPodPullSecretsOnRealAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.Apply(manifest, "-n", saNamespace)
+	for _, res := range []string{"pods", "secrets"} { // RBAC's authorizer caches: wait until it grants
+		harness.Eventually(t, 30*time.Second, "get "+res+" granted", func() (bool, string) {
+			out, _ := c.Kubectl(nil, "auth", "can-i", "get", res, "-n", shop, "--as", "system:serviceaccount:"+saNamespace+":"+saName)
+			return strings.TrimSpace(out) == "yes", out
+		})
+	}
 	k.pods.RunPod(ctx, private, shop, "private-1", harness.WithPullSecret("regcred", user, pass))
 	harness.Eventually(t, 60*time.Second, "verified with the pod's pull secret", func() (bool, string) {
 		im := a.Images()[privateD]
