@@ -165,13 +165,18 @@ func rules(t *testing.T, objs []object) []rule {
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b rule) int {
+	sortRules(out)
+	return out
+}
+
+// sortRules sorts rules by resource, then verb, as rules returns them.
+func sortRules(rs []rule) {
+	slices.SortFunc(rs, func(a, b rule) int {
 		if c := strings.Compare(a.resource, b.resource); c != 0 {
 			return c
 		}
 		return strings.Compare(a.verb, b.verb)
 	})
-	return out
 }
 
 // TestRBACIsLeastPrivilege pins the ClusterRoles to the CONTRACT: get nodes,

@@ -64,12 +64,7 @@ func TestPullSecretsComponent(t *testing.T) {
 		t.Run(strings.Join(tt.components, "+"), func(t *testing.T) {
 			objs := renderComponents(t, tt.components...)
 			want := slices.Clone(tt.rules)
-			slices.SortFunc(want, func(a, b rule) int {
-				if c := strings.Compare(a.resource, b.resource); c != 0 {
-					return c
-				}
-				return strings.Compare(a.verb, b.verb)
-			})
+			sortRules(want)
 			if got := rules(t, objs); !slices.Equal(got, want) {
 				t.Errorf("ClusterRole rules = %v, want %v", got, want)
 			}
