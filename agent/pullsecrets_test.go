@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"errors"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -123,5 +126,22 @@ func TestPullSecretsKeychain(t *testing.T) {
 		if strings.Contains(log.String(), secret) {
 			t.Errorf("credential in the log:\n%s", log.String())
 		}
+	}
+}
+
+// TestRunRefusesPodPullSecretsWithoutKubernetes: the agent does not start
+// (a config error, exit 2) when pod pull secrets are on and Kubernetes off.
+func TestRunRefusesPodPullSecretsWithoutKubernetes(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	y := "stateDir: " + filepath.Join(dir, "state") + "\nregistries: {podPullSecrets: true}\nkubernetes: {enabled: false}\n"
+	if err := os.WriteFile(path, []byte(y), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := Run(t.Context(), path, "test", slog.New(slog.DiscardHandler))
+	var ce ConfigError
+	if !errors.As(err, &ce) || !strings.Contains(err.Error(), "registries.podPullSecrets: needs kubernetes.enabled: true") {
+		t.Fatalf("Run = %v, want a ConfigError naming registries.podPullSecrets", err)
 	}
 }
