@@ -138,7 +138,26 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		return ConfigError{err}
 	}
 	cfg := s.Config
-	verifier, err := NewVerifier(cfg, logger.With("component", "verify"))
+	kube, err := kubeClient(cfg.Kubernetes)
+	if err != nil {
+		return ConfigError{err}
+	}
+	rt, err := cri.Dial(ctx, cfg.RuntimeEndpoint, cfg.ContainerdNamespace)
+	if err != nil {
+		return fmt.Errorf("runtime %s: %w", cfg.RuntimeEndpoint, err)
+	}
+	defer rt.Close()
+	m := metrics.New(version, cfg.MaxProblemSeries)
+	inv := inventory.New(rt, logger.With("component", "inventory"),
+		inventory.WithResyncInterval(cfg.ResyncInterval.Duration), inventory.WithObserver(m))
+	// The verifiers of this run (and of every reload) read pod pull secrets
+	// through the one Kubernetes client, for the pods the inventory sees.
+	var tune []func(*verify.Options)
+	if kube != nil {
+		ps := newPullSecrets(kube, inv, logger.With("component", "pullsecrets"))
+		tune = append(tune, func(o *verify.Options) { o.PullSecrets = ps })
+	}
+	verifier, err := NewVerifier(cfg, logger.With("component", "verify"), tune...)
 	if err != nil {
 		// The docker config is missing or broken: no credentials until it
 		// loads, and nothing is verified meanwhile.
@@ -149,11 +168,10 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 		anon := *cfg
 		anon.Registries.DockerConfig = ""
 		anon.Registries.CredentialProviderConfig, anon.Registries.CredentialProviderBinDir = "", ""
-		if verifier, err = NewVerifier(&anon, logger.With("component", "verify")); err != nil {
+		if verifier, err = NewVerifier(&anon, logger.With("component", "verify"), tune...); err != nil {
 			return ConfigError{err}
 		}
 	}
-	m := metrics.New(version, cfg.MaxProblemSeries)
 	if unusable == nil {
 		m.ConfigReload(true)
 	} // else a.refused reports it below
@@ -179,18 +197,10 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	j := judge.New(s.Policies, verifier,
 		judge.WithCache(vc, cfg.Cache.VerifiedTTL.Duration, cfg.Cache.FailedTTL.Duration), judge.WithObserver(m))
 
-	rt, err := cri.Dial(ctx, cfg.RuntimeEndpoint, cfg.ContainerdNamespace)
-	if err != nil {
-		return fmt.Errorf("runtime %s: %w", cfg.RuntimeEndpoint, err)
-	}
-	defer rt.Close()
-
-	rep, err := newReporter(cfg, logger.With("component", "report"), report.WithHoldObserver(m.QuarantineHeldBack))
+	rep, err := newReporter(cfg, kube, logger.With("component", "report"), report.WithHoldObserver(m.QuarantineHeldBack))
 	if err != nil {
 		return ConfigError{err}
 	}
-	inv := inventory.New(rt, logger.With("component", "inventory"),
-		inventory.WithResyncInterval(cfg.ResyncInterval.Duration), inventory.WithObserver(m))
 	lopts := loop.Options{OnDropped: m.QueueDropped,
 		VerifiedTTL: cfg.Cache.VerifiedTTL.Duration, FailedTTL: cfg.Cache.FailedTTL.Duration}
 	if rep != nil {
@@ -210,7 +220,7 @@ func Run(ctx context.Context, configPath, version string, logger *slog.Logger) e
 	}
 
 	a := &agent{log: logger, path: configPath, cur: s, judge: j, cache: vc, loop: lp, metrics: m, report: rep, prefetch: pf,
-		creds: creds, verifierKey: verifierKey(cfg, unusable)}
+		creds: creds, verifierKey: verifierKey(cfg, unusable), tune: tune}
 	if unusable != nil {
 		a.refused(unusable)
 	}
@@ -278,6 +288,8 @@ type agent struct {
 	prefetch *prefetch.Prefetcher
 
 	creds *liveCredentials // the current verifier's credentials, for prefetch
+	// tune is applied to every verifier built (pod pull secrets).
+	tune []func(*verify.Options)
 	// verifierKey identifies the registry settings and docker config content
 	// the current verifier was built from; only the reload goroutine uses it.
 	verifierKey string
@@ -336,7 +348,7 @@ func (a *agent) reload() {
 		return
 	}
 	if key := verifierKey(s.Config, nil); key != a.verifierKey {
-		v, err := NewVerifier(s.Config, a.log.With("component", "verify"))
+		v, err := NewVerifier(s.Config, a.log.With("component", "verify"), a.tune...)
 		if err != nil {
 			a.refused(err)
 			return

@@ -36,19 +36,15 @@ func NodeName(cfg *config.Config, getenv func(string) string) (string, error) {
 // reported as events, so a restart does not report them again.
 const ReportedFile = "reported.json"
 
-// newReporter builds the Kubernetes reporter, or returns nil when reporting
-// is disabled. The client comes from kubernetes.kubeconfig, else the
-// in-cluster service account.
-func newReporter(cfg *config.Config, logger *slog.Logger, opts ...report.Option) (*report.Reporter, error) {
-	k := cfg.Kubernetes
+// kubeClient builds the agent's one Kubernetes client, shared by reporting
+// and pod pull secrets, from kubernetes.kubeconfig, else the in-cluster
+// service account. It returns nil when kubernetes.enabled is false.
+func kubeClient(k config.Kubernetes) (kubernetes.Interface, error) {
 	if !k.Enabled {
 		return nil, nil
 	}
-	node, err := NodeName(cfg, os.Getenv)
-	if err != nil {
-		return nil, err
-	}
 	var rc *rest.Config
+	var err error
 	if k.Kubeconfig != "" {
 		rc, err = clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
 	} else {
@@ -65,6 +61,19 @@ func newReporter(cfg *config.Config, logger *slog.Logger, opts ...report.Option)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
+	return cs, nil
+}
+
+// newReporter builds the Kubernetes reporter on cs, or returns nil when
+// reporting is disabled (cs is nil).
+func newReporter(cfg *config.Config, cs kubernetes.Interface, logger *slog.Logger, opts ...report.Option) (*report.Reporter, error) {
+	if cs == nil {
+		return nil, nil
+	}
+	node, err := NodeName(cfg, os.Getenv)
+	if err != nil {
+		return nil, err
+	}
 	opts = append(opts, report.WithStateFile(filepath.Join(cfg.StateDir, ReportedFile)))
-	return report.New(cs, node, logger, append(report.FromConfig(k), opts...)...), nil
+	return report.New(cs, node, logger, append(report.FromConfig(cfg.Kubernetes), opts...)...), nil
 }

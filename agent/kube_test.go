@@ -38,16 +38,20 @@ func TestNodeName(t *testing.T) {
 	}
 }
 
-func TestNewReporterOutsideACluster(t *testing.T) {
+func TestKubeClientOutsideACluster(t *testing.T) {
 	t.Setenv("KUBERNETES_SERVICE_HOST", "")
 	t.Setenv("KUBERNETES_SERVICE_PORT", "")
 	cfg := &config.Config{NodeName: "n", Kubernetes: config.Kubernetes{Enabled: true, Events: true}}
-	_, err := newReporter(cfg, nil)
+	_, err := kubeClient(cfg.Kubernetes)
 	if err == nil || !strings.Contains(err.Error(), "kubernetes.enabled: false") {
-		t.Fatalf("newReporter outside a cluster without a kubeconfig: %v; want an error that says how to fix it", err)
+		t.Fatalf("kubeClient outside a cluster without a kubeconfig: %v; want an error that says how to fix it", err)
 	}
 	cfg.Kubernetes.Enabled = false
-	if r, err := newReporter(cfg, nil); r != nil || err != nil {
+	cs, err := kubeClient(cfg.Kubernetes)
+	if cs != nil || err != nil {
+		t.Fatalf("disabled Kubernetes built a client: %v, %v", cs, err)
+	}
+	if r, err := newReporter(cfg, cs, nil); r != nil || err != nil {
 		t.Fatalf("disabled reporting built a reporter: %v, %v", r, err)
 	}
 }

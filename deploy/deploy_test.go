@@ -6,7 +6,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"encoding/hex"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -166,13 +165,18 @@ func rules(t *testing.T, objs []object) []rule {
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b rule) int {
+	sortRules(out)
+	return out
+}
+
+// sortRules sorts rules by resource, then verb, as rules returns them.
+func sortRules(rs []rule) {
+	slices.SortFunc(rs, func(a, b rule) int {
 		if c := strings.Compare(a.resource, b.resource); c != 0 {
 			return c
 		}
 		return strings.Compare(a.verb, b.verb)
 	})
-	return out
 }
 
 // TestRBACIsLeastPrivilege pins the ClusterRoles to the CONTRACT: get nodes,
@@ -198,22 +202,8 @@ func TestRBACIsLeastPrivilege(t *testing.T) {
 // component (the contract's RBAC), composed with the quarantine as its
 // kustomization comment says.
 func TestGuardComponentAddsListNodes(t *testing.T) {
-	abs, err := filepath.Abs("kubernetes")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	rel, err := filepath.Rel(dir, abs) // kustomize takes no absolute roots
-	if err != nil {
-		t.Fatal(err)
-	}
-	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s/base]\n"+
-		"components: [%s/components/quarantine, %s/components/guard]\n", rel, rel, rel)
-	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	want := []rule{{"", "events", "create"}, {"", "events", "patch"}, {"", "nodes", "get"}, {"", "nodes", "list"}, {"", "nodes", "patch"}, {"", "nodes/status", "patch"}}
-	if got := rules(t, render(t, dir)); !slices.Equal(got, want) {
+	if got := rules(t, renderComponents(t, "quarantine", "guard")); !slices.Equal(got, want) {
 		t.Errorf("base + quarantine + guard: ClusterRole rules = %v, want %v", got, want)
 	}
 }
@@ -446,6 +436,9 @@ func TestShippedConfigLoads(t *testing.T) {
 			wantTaint := strings.Contains(dir, "quarantine") || dir == "kubernetes/all"
 			if s.Config.Kubernetes.QuarantineTaint != wantTaint {
 				t.Errorf("quarantineTaint = %v, want %v", s.Config.Kubernetes.QuarantineTaint, wantTaint)
+			}
+			if s.Config.Registries.PodPullSecrets {
+				t.Errorf("registries.podPullSecrets is on without components/pullsecrets")
 			}
 			if !s.Config.Kubernetes.Enabled || s.Config.MetricsAddress != ":9842" {
 				t.Errorf("kubernetes.enabled = %v, metricsAddress = %q", s.Config.Kubernetes.Enabled, s.Config.MetricsAddress)

@@ -66,7 +66,8 @@ type Registries struct {
 	// ContainerdHostsDir is containerd's hosts.toml directory (mirrors, CAs,
 	// client certificates); a missing directory configures nothing.
 	ContainerdHostsDir string `json:"containerdHostsDir"`
-	// PodPullSecrets opts in to the imagePullSecrets of the pods running an image.
+	// PodPullSecrets opts in to the imagePullSecrets of the pods running an
+	// image, read through the Kubernetes client (needs kubernetes.enabled).
 	PodPullSecrets bool `json:"podPullSecrets"`
 }
 
@@ -285,6 +286,10 @@ func (c *Config) validate(files bool) error {
 	}
 	if c.Registries.Burst < 1 || c.Registries.Burst > 10000 {
 		bad("registries.burst", "must be between 1 and 10000, got %d", c.Registries.Burst)
+	}
+	if c.Registries.PodPullSecrets && !c.Kubernetes.Enabled {
+		bad("registries.podPullSecrets", "needs kubernetes.enabled: true: the pods that run an image and their "+
+			"imagePullSecrets are read from the API server")
 	}
 	if _, _, err := ParseMaxUnavailable(c.Kubernetes.QuarantineMaxUnavailable); err != nil {
 		bad("kubernetes.quarantineMaxUnavailable", "%v", err)

@@ -31,6 +31,9 @@ func TestRegistriesNodeSources(t *testing.T) {
 		{"hosts dir missing is fine", "registries: {containerdHostsDir: /nonexistent/certs.d}", ""},
 		{"hosts dir is a file", "registries: {containerdHostsDir: cp.yaml}", "registries.containerdHostsDir:"},
 		{"pod pull secrets", "registries: {podPullSecrets: true}", ""},
+		{"pod pull secrets without kubernetes", "registries: {podPullSecrets: true}\nkubernetes: {enabled: false}",
+			"registries.podPullSecrets: needs kubernetes.enabled: true"},
+		{"kubernetes off without pod pull secrets", "kubernetes: {enabled: false}", ""},
 		{"unknown key", "registries: {podPullSecret: true}", "unknown field"},
 	}
 	for _, tt := range tests {

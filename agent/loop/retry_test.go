@@ -163,3 +163,41 @@ func TestLoopRejudgesAtExpiry(t *testing.T) {
 		})
 	}
 }
+
+// TestLoopContainerStartRejudgesPending: a digest pending for lack of
+// credentials (pod pull secrets: no pod runs the image yet when it is
+// pulled) is judged again as soon as a container of it starts (the
+// inventory reports the digest changed), not after its retry backoff.
+func TestLoopContainerStartRejudgesPending(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		inv := newInventory(inventory.Image{Digest: dg(1), Repos: []string{"r.io/private"}})
+		j := &fakeJudger{fn: func(_, d string, _ int) verdict.Result {
+			if img, _ := inv.Get(d); len(img.Containers) == 0 {
+				return verdict.Result{Verdict: verdict.Pending, Reason: verdict.ReasonRegistryError, Detail: "401 Unauthorized"}
+			}
+			return verdict.Result{Verdict: verdict.Verified, Fingerprint: "fp"}
+		}}
+		l := loop.New(inv, j, nil, discard(), loop.Options{RetryBase: time.Hour, RetryMax: time.Hour})
+		stop := start(t, l)
+		defer stop()
+		began := time.Now()
+		l.Changed(dg(1))
+		synctest.Wait()
+		if img, _ := imageByDigest(l, dg(1)); img.Result.Verdict != verdict.Pending {
+			t.Fatalf("pulled, no container: %s/%s, want pending", img.Result.Verdict, img.Result.Reason)
+		}
+		inv.mu.Lock()
+		inv.imgs[dg(1)] = inventory.Image{Digest: dg(1), Repos: []string{"r.io/private"},
+			Containers: []inventory.ContainerRef{{ID: "c1", PodNamespace: "shop", PodName: "api-0"}}}
+		inv.mu.Unlock()
+		l.Changed(dg(1)) // what the inventory reports when the container starts
+		synctest.Wait()
+		if img, _ := imageByDigest(l, dg(1)); img.Result.Verdict != verdict.Verified {
+			t.Errorf("after the container started: %s/%s, want verified", img.Result.Verdict, img.Result.Reason)
+		}
+		if n, took := j.CallsFor(dg(1)), time.Since(began); n != 2 || took >= time.Hour {
+			t.Errorf("judged %d times within %v, want 2 without waiting for the backoff", n, took)
+		}
+	})
+}

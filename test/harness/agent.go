@@ -303,3 +303,18 @@ func FreeAddr(t testing.TB) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// Outputs returns what the agent shows, as text: its log, /metrics and the
+// status API's /v1/images (e.g. to scan for credentials with Leaks).
+func (a *Agent) Outputs() map[string]string {
+	a.t.Helper()
+	out := map[string]string{"log": a.Log()}
+	for where, url := range map[string]string{"metrics": a.MetricsURL + "/metrics", "status API": "http://" + a.StatusAddr + "/v1/images"} {
+		b, err := a.get(a.t.Context(), url)
+		if err != nil {
+			a.t.Fatal(err)
+		}
+		out[where] = string(b)
+	}
+	return out
+}

@@ -170,13 +170,35 @@ func PauseImage(t testing.TB, host, pauseBin string) string {
 	return ref
 }
 
+// PodOption configures RunPod.
+type PodOption func(*podOptions)
+
+type podOptions struct {
+	auth        *runtimeapi.AuthConfig
+	pullSecrets []corev1.LocalObjectReference
+}
+
+// WithPullSecret pulls the image with user and password, as the kubelet
+// does with a pod's pull secret, and names the secret (see
+// Kube.PullSecret) in the Pod object's spec.imagePullSecrets.
+func WithPullSecret(secret, user, password string) PodOption {
+	return func(o *podOptions) {
+		o.auth = &runtimeapi.AuthConfig{Username: user, Password: password}
+		o.pullSecrets = append(o.pullSecrets, corev1.LocalObjectReference{Name: secret})
+	}
+}
+
 // RunPod pulls image, creates the Pod object (when the runner has a Kube),
 // then runs the sandbox and a container "main" of image, and waits until
 // CRI reports the container running. The pod is stopped and removed when
 // the test ends.
-func (p *Pods) RunPod(ctx context.Context, image, namespace, name string) *Pod {
+func (p *Pods) RunPod(ctx context.Context, image, namespace, name string, opts ...PodOption) *Pod {
 	p.t.Helper()
-	if _, err := p.images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: image}}); err != nil {
+	var o podOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	if _, err := p.images.PullImage(ctx, &runtimeapi.PullImageRequest{Image: &runtimeapi.ImageSpec{Image: image}, Auth: o.auth}); err != nil {
 		p.t.Fatalf("pull %s: %v", image, err)
 	}
 	pod := &Pod{Namespace: namespace, Name: name, Image: image}
@@ -184,9 +206,10 @@ func (p *Pods) RunPod(ctx context.Context, image, namespace, name string) *Pod {
 		obj, err := p.kube.Client().CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace},
 			Spec: corev1.PodSpec{
-				NodeName:    p.node,
-				HostNetwork: true,
-				Containers:  []corev1.Container{{Name: "main", Image: image}},
+				NodeName:         p.node,
+				HostNetwork:      true,
+				Containers:       []corev1.Container{{Name: "main", Image: image}},
+				ImagePullSecrets: o.pullSecrets,
 			},
 		}, metav1.CreateOptions{})
 		if err != nil {

@@ -1,11 +1,8 @@
 package nodepull
 
 import (
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -19,9 +16,11 @@ import (
 
 // TestAgentNeverShowsCredentials runs `pinwarden agent` against a real
 // containerd whose images came from a registry with htpasswd over TLS, once
-// per kind of node credential, and scans the agent's log, /metrics and the
-// status API for the credentials. (Events need an API server; the event text
-// is built from the same verdict detail that the status API shows.)
+// per kind of node credential, reporting to a real API server, and scans
+// the agent's log, /metrics, the status API, every Event and the Node for
+// the credentials (as is and in base64). The fourth kind, pod pull secrets,
+// is scanned the same way by test/e2e TestPodPullSecretsOnRealAPIServer
+// (it needs pods).
 func TestAgentNeverShowsCredentials(t *testing.T) {
 	bin, err := harness.AgentBinary(t.TempDir())
 	if err != nil {
@@ -39,38 +38,21 @@ func TestAgentNeverShowsCredentials(t *testing.T) {
 	for _, tag := range []string{"v1", "v2"} {
 		pulledDigest(t, c, d.Host+"/team/app:"+tag, &cri.Auth{Username: user, Password: pass})
 	}
+	kube := harness.StartKube(t)
+	kubeconfig := filepath.Join(t.TempDir(), "kubeconfig")
+	kube.WriteAdminKubeconfig(kubeconfig)
 
-	dir := t.TempDir()
-	b64 := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
-	static := filepath.Join(dir, "static.json")
-	harness.WriteFile(t, static, []byte(`{"auths": {"`+d.Host+`": {"auth": "`+b64+`"}}}`))
-	helperDir := filepath.Join(dir, "helpers")
-	if err := os.MkdirAll(helperDir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.FakeBinary(t, "credhelper", helperDir, "docker-credential-pwtest")
-	harness.WriteFile(t, filepath.Join(helperDir, "store.json"), []byte(fmt.Sprintf(`{%q: {"Username": %q, "Secret": %q}}`, d.Host, user, pass)))
-	helped := filepath.Join(dir, "helped.json")
-	harness.WriteFile(t, helped, []byte(`{"credHelpers": {"`+d.Host+`": "pwtest"}}`))
-	plugins := filepath.Join(dir, "plugins")
-	if err := os.MkdirAll(plugins, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	harness.FakeBinary(t, "credprovider", plugins, "pw-plugin")
-	auth, _ := json.Marshal(map[string]any{d.Host: map[string]string{"username": user, "password": pass}})
-	cpc := filepath.Join(dir, "cp.yaml")
-	harness.WriteFile(t, cpc, []byte(fmt.Sprintf("apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n- name: pw-plugin\n  matchImages: [%q]\n  defaultCacheDuration: 5m\n  apiVersion: credentialprovider.kubelet.k8s.io/v1\n  env: [{name: FAKE_CP_AUTH, value: %q}]\n", d.Host, auth)))
-
+	creds := harness.WriteNodeCredentials(t, d.Host, user, pass)
 	kinds := []struct {
 		name string
 		regs config.Registries
 		env  []string
 	}{
-		{"docker config auths", config.Registries{DockerConfig: static}, nil},
-		{"docker credential helper", config.Registries{DockerConfig: helped}, []string{"PATH=" + helperDir + ":" + os.Getenv("PATH")}},
-		{"kubelet credential provider", config.Registries{CredentialProviderConfig: cpc, CredentialProviderBinDir: plugins}, nil},
+		{"docker config auths", config.Registries{DockerConfig: creds.DockerConfig}, nil},
+		{"docker credential helper", config.Registries{DockerConfig: creds.HelperConfig}, []string{"PATH=" + creds.HelperDir + ":" + os.Getenv("PATH")}},
+		{"kubelet credential provider", config.Registries{CredentialProviderConfig: creds.ProviderConfig, CredentialProviderBinDir: creds.ProviderBinDir}, nil},
 	}
-	for _, k := range kinds {
+	for i, k := range kinds {
 		t.Run(k.name, func(t *testing.T) {
 			adir := t.TempDir()
 			cfg := harness.AgentConfig(ctd.Endpoint(), filepath.Join(adir, "state"))
@@ -80,6 +62,10 @@ func TestAgentNeverShowsCredentials(t *testing.T) {
 			cfg.Registries.CredentialProviderBinDir = k.regs.CredentialProviderBinDir
 			cfg.Registries.ContainerdHostsDir = ctd.HostsDir()
 			cfg.Policies = []config.Policy{harness.KeyPolicy("node", d.Host+"/team/**", signer.PubPath)}
+			// Each kind reports on its own Node, so that its events are its own.
+			cfg.NodeName = fmt.Sprintf("node-%d", i)
+			kube.Node(cfg.NodeName)
+			cfg.Kubernetes = config.Kubernetes{Enabled: true, Kubeconfig: kubeconfig, Events: true, NodeCondition: true}
 			path := harness.WriteConfig(t, filepath.Join(adir, "config.yaml"), cfg)
 			a := harness.StartAgent(t, bin, path, cfg.MetricsAddress, cfg.StatusAddress, harness.WithAgentEnv(k.env...))
 			if im := a.WaitVerdict(signed, time.Minute); im.Verdict != "verified" {
@@ -88,36 +74,16 @@ func TestAgentNeverShowsCredentials(t *testing.T) {
 			if im := a.WaitVerdict(unsigned, time.Minute); im.Verdict != "unverified" || im.Reason != "no-signature" {
 				t.Fatalf("unsigned image: %+v", im)
 			}
-			outputs := map[string]string{
-				"log":        a.Log(),
-				"metrics":    httpGet(t, a.MetricsURL+"/metrics"),
-				"status API": httpGet(t, "http://"+a.StatusAddr+"/v1/images"),
-			}
-			for where, text := range outputs {
-				for _, secret := range []string{pass, b64} {
-					if strings.Contains(text, secret) {
-						t.Errorf("credential in the agent's %s:\n%s", where, text)
-					}
-				}
+			var texts map[string]string
+			harness.Eventually(t, 30*time.Second, "the node's event and condition", func() (bool, string) {
+				texts = kube.Reported(t)
+				return strings.Contains(texts["events"], "Node/"+cfg.NodeName+" ImageUnverified") &&
+					strings.Contains(texts["nodes"], "UntrustedImage="), texts["events"] + texts["nodes"]
+			})
+			maps.Copy(texts, a.Outputs())
+			if leaks := harness.Leaks(texts, user, pass); len(leaks) > 0 {
+				t.Errorf("credentials shown: %v\n%v", leaks, texts)
 			}
 		})
 	}
-}
-
-func httpGet(t *testing.T, url string) string {
-	t.Helper()
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodGet, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %s %v", url, resp.Status, err)
-	}
-	return string(b)
 }
