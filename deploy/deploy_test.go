@@ -440,6 +440,9 @@ func TestShippedConfigLoads(t *testing.T) {
 			if s.Config.Registries.PodPullSecrets {
 				t.Errorf("registries.podPullSecrets is on without components/pullsecrets")
 			}
+			if r := s.Config.Registries; r.CredentialProviderConfig != "" || r.CredentialProviderBinDir != "" {
+				t.Errorf("registries.credentialProvider* set without components/credential-provider: %+v", r)
+			}
 			if !s.Config.Kubernetes.Enabled || s.Config.MetricsAddress != ":9842" {
 				t.Errorf("kubernetes.enabled = %v, metricsAddress = %q", s.Config.Kubernetes.Enabled, s.Config.MetricsAddress)
 			}
