@@ -77,10 +77,10 @@ func wantConfig(t *testing.T, base string, components ...string) string {
 			from, to := l[0], l[1]
 			name := from[:strings.Index(from, ":")]
 			if n := strings.Count(base, from); n != 1 {
-				t.Fatalf("base config.yaml has the line %q %d times, want once for components/%s to set", from, n, c)
+				t.Fatalf("config.yaml has the line %q %d times, want once for components/%s to set", from, n, c)
 			}
 			if strings.Index(base, name) != strings.Index(base, from) {
-				t.Fatalf("base config.yaml names %s before the line %q that components/%s sets", name, from, c)
+				t.Fatalf("config.yaml names %s before the line %q that components/%s sets", name, from, c)
 			}
 			want = strings.Replace(want, from, to, 1)
 		}

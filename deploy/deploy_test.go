@@ -429,6 +429,11 @@ func TestShippedConfigLoads(t *testing.T) {
 			if dir == "kubernetes/examples" {
 				secret["trusted_root.json"] = trustedRoot
 			}
+			// Its config has the lines the registries components set, so
+			// they combine with it.
+			var cm corev1.ConfigMap
+			find(t, objs, "ConfigMap", "pinwarden", &cm)
+			wantConfig(t, cm.Data["config.yaml"], "pullsecrets", "credential-provider")
 			s, err := agent.LoadSettings(mountConfig(t, objs, secret))
 			if err != nil {
 				t.Fatalf("shipped config does not load: %v", err)
