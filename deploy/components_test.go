@@ -60,10 +60,10 @@ var componentLines = map[string][][2]string{
 	"quarantine": {{"quarantineTaint: false", "quarantineTaint: true"}},
 }
 
-// wantConfig is the base's config.yaml with the lines the components set
-// (the -aks and -gke credential providers set those of credential-provider),
-// after checking that the base has each line once, with the key's name
-// nowhere before it.
+// wantConfig is config.yaml text (the base's) with the lines the
+// components set (the -aks and -gke credential providers set those of
+// credential-provider), after checking that it has each line once, with the
+// key's name nowhere before it.
 func wantConfig(t *testing.T, base string, components ...string) string {
 	t.Helper()
 	want := base
