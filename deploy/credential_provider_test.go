@@ -1,11 +1,10 @@
 package deploy
 
 import (
-	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -29,52 +28,35 @@ var credentialProviderCases = []struct {
 	{"credential-provider-gke", "/etc/srv/kubernetes/cri_auth_config.yaml", "/home/kubernetes/bin", nil},
 }
 
-// withComponents writes a kustomization of the base and components (names
-// under kubernetes/components) to a new temp dir and returns the dir.
-func withComponents(t *testing.T, components ...string) string {
-	t.Helper()
-	abs, err := filepath.Abs("kubernetes")
-	if err != nil {
-		t.Fatal(err)
+// credentialProviderCombos are the component lists each credential
+// provider component is rendered with: alone, with the quarantine, and with
+// the pull secrets and the quarantine, in both orders (each sets its own
+// lines of the base's one registries block).
+func credentialProviderCombos(component string) [][]string {
+	return [][]string{
+		{component},
+		{component, "quarantine"},
+		{component, "pullsecrets", "quarantine"},
+		{"quarantine", "pullsecrets", component},
 	}
-	dir := t.TempDir()
-	rel, err := filepath.Rel(dir, abs) // kustomize takes no absolute roots
-	if err != nil {
-		t.Fatal(err)
-	}
-	cs := make([]string, len(components))
-	for i, c := range components {
-		cs[i] = rel + "/components/" + c
-	}
-	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s/base]\ncomponents: [%s]\n",
-		rel, strings.Join(cs, ", "))
-	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return dir
 }
 
 // TestCredentialProviderComponents renders the base with each credential
-// provider component, alone and with the quarantine: the kubelet's config
-// file and plugin dir (and the plugin's own files) are mounted read-only
-// from the node's paths, the config's registries keys name those mounts,
+// provider component, alone and with the quarantine and pull secrets
+// components: the kubelet's config file and plugin dir (and the plugin's
+// own files) are mounted read-only from the node's paths, the config's
+// registries keys name those mounts in the base's one registries block,
 // the rest of the base's config is kept, the pod stays off the host
 // network, and the config loads and runs a real plugin exchange with the
 // node's files laid out where the mounts put them.
 func TestCredentialProviderComponents(t *testing.T) {
 	const regHost = "registry.example.com"
 	node := harness.WriteNodeCredentials(t, regHost, "node-user", "n0de-s3cret")
-	baseConfig := func(dir string) string {
-		var cm corev1.ConfigMap
-		find(t, render(t, dir), "ConfigMap", "pinwarden", &cm)
-		return cm.Data["config.yaml"]
-	}
+	var baseCM corev1.ConfigMap
+	find(t, render(t, "kubernetes"), "ConfigMap", "pinwarden", &baseCM)
 	for _, tc := range credentialProviderCases {
-		for _, withQuarantine := range []bool{false, true} {
-			components, plain := []string{tc.component}, "kubernetes"
-			if withQuarantine {
-				components, plain = append(components, "quarantine"), "kubernetes/quarantine"
-			}
+		for _, components := range credentialProviderCombos(tc.component) {
+			withQuarantine, withPullSecrets := slices.Contains(components, "quarantine"), slices.Contains(components, "pullsecrets")
 			t.Run(strings.Join(components, "+"), func(t *testing.T) {
 				objs := render(t, withComponents(t, components...))
 				var ds appsv1.DaemonSet
@@ -109,15 +91,15 @@ func TestCredentialProviderComponents(t *testing.T) {
 					}
 				}
 
+				for _, o := range objs {
+					if strings.HasSuffix(o.Name, "-values") {
+						t.Errorf("a replacement's source %s/%s was rendered", o.Kind, o.Name)
+					}
+				}
 				var cm corev1.ConfigMap
 				find(t, objs, "ConfigMap", "pinwarden", &cm)
-				cfg := cm.Data["config.yaml"]
-				prefix := ds.Annotations["pinwarden.dev/registries-config"]
-				if prefix == "" || !strings.HasPrefix(cfg, prefix+"\n") {
-					t.Fatalf("config.yaml does not start with the annotation %q:\n%s", prefix, cfg)
-				}
-				if rest, want := strings.TrimPrefix(cfg, prefix+"\n"), baseConfig(plain); rest != want {
-					t.Errorf("config.yaml after the prepended registries keys:\n%s\nwant the config of %s:\n%s", rest, plain, want)
+				if got, want := cm.Data["config.yaml"], wantConfig(t, baseCM.Data["config.yaml"], components...); strings.TrimSpace(got) != strings.TrimSpace(want) {
+					t.Errorf("config.yaml:\n%s\nwant the base config with only the components' lines set:\n%s", got, want)
 				}
 
 				// Lay the node's files out where the mounts put them: the
@@ -148,8 +130,9 @@ func TestCredentialProviderComponents(t *testing.T) {
 				if r := s.Config.Registries; r.CredentialProviderConfig != node.ProviderConfig || r.CredentialProviderBinDir != node.ProviderBinDir {
 					t.Fatalf("registries = %+v", r)
 				}
-				if s.Config.Kubernetes.QuarantineTaint != withQuarantine {
-					t.Errorf("quarantineTaint = %v, want %v", s.Config.Kubernetes.QuarantineTaint, withQuarantine)
+				if s.Config.Kubernetes.QuarantineTaint != withQuarantine || s.Config.Registries.PodPullSecrets != withPullSecrets {
+					t.Errorf("quarantineTaint = %v, want %v; podPullSecrets = %v, want %v",
+						s.Config.Kubernetes.QuarantineTaint, withQuarantine, s.Config.Registries.PodPullSecrets, withPullSecrets)
 				}
 				v, err := agent.NewVerifier(s.Config, slog.New(slog.DiscardHandler))
 				if err != nil {
@@ -163,34 +146,42 @@ func TestCredentialProviderComponents(t *testing.T) {
 	}
 }
 
-// TestCredentialProviderKubectlKustomize: kubectl's own kustomize prepends
-// the registries keys too (a negative replacement index), with the
-// quarantine's flip kept.
+// TestCredentialProviderKubectlKustomize: kubectl's own kustomize renders
+// the same config.yaml as the library (checked above) for each credential
+// provider component with the pull secrets and quarantine components, and
+// drops the replacements' sources too.
 func TestCredentialProviderKubectlKustomize(t *testing.T) {
 	kubectl := harness.RequireBinary(t, "kubectl")
 	for _, tc := range credentialProviderCases {
-		out, err := exec.Command(kubectl, "kustomize", withComponents(t, tc.component, "quarantine")).CombinedOutput()
-		if err != nil {
-			t.Fatalf("kubectl kustomize %s: %v\n%s", tc.component, err, out)
-		}
-		found := false
-		for _, doc := range strings.Split(string(out), "\n---\n") {
-			var cm corev1.ConfigMap
-			if err := yaml.Unmarshal([]byte(doc), &cm); err != nil {
-				t.Fatal(err)
+		for _, components := range credentialProviderCombos(tc.component)[2:] {
+			name := strings.Join(components, "+")
+			dir := withComponents(t, components...)
+			out, err := exec.Command(kubectl, "kustomize", dir).CombinedOutput()
+			if err != nil {
+				t.Fatalf("kubectl kustomize %s: %v\n%s", name, err, out)
 			}
-			if cm.Kind != "ConfigMap" || cm.Name != "pinwarden" {
-				continue
+			var lib corev1.ConfigMap
+			find(t, render(t, dir), "ConfigMap", "pinwarden", &lib)
+			found := false
+			for _, doc := range strings.Split(string(out), "\n---\n") {
+				var cm corev1.ConfigMap
+				if err := yaml.Unmarshal([]byte(doc), &cm); err != nil {
+					t.Fatal(err)
+				}
+				if strings.HasSuffix(cm.Name, "-values") {
+					t.Errorf("kubectl kustomize %s rendered the replacement's source %s/%s", name, cm.Kind, cm.Name)
+				}
+				if cm.Kind != "ConfigMap" || cm.Name != "pinwarden" {
+					continue
+				}
+				found = true
+				if got, want := cm.Data["config.yaml"], lib.Data["config.yaml"]; got != want {
+					t.Errorf("kubectl kustomize %s: config.yaml =\n%s\nlibrary:\n%s", name, got, want)
+				}
 			}
-			found = true
-			c := cm.Data["config.yaml"]
-			if !strings.HasPrefix(c, "registries:\n  credentialProviderConfig: /etc/kubelet-credential-provider/config\n") ||
-				!strings.HasSuffix(strings.TrimSpace(c), "quarantineTaint: true") {
-				t.Errorf("kubectl kustomize %s+quarantine: config.yaml =\n%s", tc.component, c)
+			if !found {
+				t.Errorf("kubectl kustomize %s rendered no ConfigMap/pinwarden:\n%s", name, out)
 			}
-		}
-		if !found {
-			t.Errorf("kubectl kustomize %s+quarantine rendered no ConfigMap/pinwarden:\n%s", tc.component, out)
 		}
 	}
 }

@@ -429,6 +429,11 @@ func TestShippedConfigLoads(t *testing.T) {
 			if dir == "kubernetes/examples" {
 				secret["trusted_root.json"] = trustedRoot
 			}
+			// Its config has the lines the registries components set, so
+			// they combine with it.
+			var cm corev1.ConfigMap
+			find(t, objs, "ConfigMap", "pinwarden", &cm)
+			wantConfig(t, cm.Data["config.yaml"], "pullsecrets", "credential-provider")
 			s, err := agent.LoadSettings(mountConfig(t, objs, secret))
 			if err != nil {
 				t.Fatalf("shipped config does not load: %v", err)
@@ -439,6 +444,9 @@ func TestShippedConfigLoads(t *testing.T) {
 			}
 			if s.Config.Registries.PodPullSecrets {
 				t.Errorf("registries.podPullSecrets is on without components/pullsecrets")
+			}
+			if r := s.Config.Registries; r.CredentialProviderConfig != "" || r.CredentialProviderBinDir != "" {
+				t.Errorf("registries.credentialProvider* set without components/credential-provider: %+v", r)
 			}
 			if !s.Config.Kubernetes.Enabled || s.Config.MetricsAddress != ":9842" {
 				t.Errorf("kubernetes.enabled = %v, metricsAddress = %q", s.Config.Kubernetes.Enabled, s.Config.MetricsAddress)

@@ -39,7 +39,8 @@ func monitoringCRDs(t *testing.T) string {
 }
 
 // TestInstallOnAPIServer applies the base and base+quarantine+monitoring
-// with kubectl apply --server-side -k, then runs the agent on the install's
+// with kubectl apply --server-side -k (and dry-runs the credential provider
+// components with pull secrets and quarantine), then runs the agent on the install's
 // ServiceAccount token against a real containerd with a running untrusted
 // pod, and checks that its condition, taint and events land with no
 // `forbidden`.
@@ -65,11 +66,14 @@ func TestInstallOnAPIServer(t *testing.T) {
 			t.Fatalf("kubectl apply --server-side -k %s: %v\n%s", dir, err, out)
 		}
 	}
-	// The credential provider components (with the quarantine) pass the
-	// API server's validation too: server-side dry run, nothing changed.
+	// The credential provider components with the pull secrets and the
+	// quarantine, in both orders, pass the API server's validation too:
+	// server-side dry run, nothing changed.
 	for _, tc := range credentialProviderCases {
-		if out, err := k.Kubectl(nil, "apply", "--server-side", "--dry-run=server", "-k", withComponents(t, tc.component, "quarantine")); err != nil {
-			t.Fatalf("kubectl apply --server-side --dry-run=server: base + %s + quarantine: %v\n%s", tc.component, err, out)
+		for _, components := range credentialProviderCombos(tc.component)[2:] {
+			if out, err := k.Kubectl(nil, "apply", "--server-side", "--dry-run=server", "-k", withComponents(t, components...)); err != nil {
+				t.Fatalf("kubectl apply --server-side --dry-run=server: base + %s: %v\n%s", strings.Join(components, " + "), err, out)
+			}
 		}
 	}
 

@@ -1,9 +1,6 @@
 package deploy
 
 import (
-	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -12,31 +9,6 @@ import (
 
 	"github.com/pinwarden/pinwarden/agent"
 )
-
-// renderComponents renders the base with the named components of
-// kubernetes/components, as a user's kustomization listing them would.
-func renderComponents(t *testing.T, components ...string) []object {
-	t.Helper()
-	abs, err := filepath.Abs("kubernetes")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	rel, err := filepath.Rel(dir, abs) // kustomize takes no absolute roots
-	if err != nil {
-		t.Fatal(err)
-	}
-	paths := make([]string, len(components))
-	for i, c := range components {
-		paths[i] = rel + "/components/" + c
-	}
-	k := fmt.Sprintf("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [%s/base]\ncomponents: [%s]\n",
-		rel, strings.Join(paths, ", "))
-	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return render(t, dir)
-}
 
 // TestPullSecretsComponent: `get` on pods and secrets comes only with
 // components/pullsecrets (the contract's RBAC), which also turns
@@ -48,10 +20,6 @@ func TestPullSecretsComponent(t *testing.T) {
 	withTaint := append(slices.Clone(base), rule{"", "nodes", "patch"})
 	var baseCM corev1.ConfigMap
 	find(t, render(t, "kubernetes"), "ConfigMap", "pinwarden", &baseCM)
-	const off, on = "podPullSecrets: false  #", "podPullSecrets: true  #"
-	if strings.Count(baseCM.Data["config.yaml"], off) != 1 {
-		t.Fatalf("base config.yaml has no line %q for the component to turn on", off)
-	}
 	for _, tt := range []struct {
 		components []string
 		rules      []rule
@@ -75,10 +43,7 @@ func TestPullSecretsComponent(t *testing.T) {
 			}
 			var cm corev1.ConfigMap
 			find(t, objs, "ConfigMap", "pinwarden", &cm)
-			wantCfg := strings.Replace(baseCM.Data["config.yaml"], off, on, 1)
-			if tt.taint {
-				wantCfg = strings.Replace(wantCfg, "quarantineTaint: false", "quarantineTaint: true", 1)
-			}
+			wantCfg := wantConfig(t, baseCM.Data["config.yaml"], tt.components...)
 			if strings.TrimSpace(cm.Data["config.yaml"]) != strings.TrimSpace(wantCfg) {
 				t.Errorf("config:\n%s\nwant the base config with only the component's keys on:\n%s", cm.Data["config.yaml"], wantCfg)
 			}
@@ -88,6 +53,9 @@ func TestPullSecretsComponent(t *testing.T) {
 			}
 			if r := s.Config.Registries; !r.PodPullSecrets || !s.Config.Kubernetes.Enabled || s.Config.Kubernetes.QuarantineTaint != tt.taint {
 				t.Errorf("podPullSecrets = %v, kubernetes = %+v", r.PodPullSecrets, s.Config.Kubernetes)
+			}
+			if r := s.Config.Registries; r.CredentialProviderConfig != "" || r.CredentialProviderBinDir != "" {
+				t.Errorf("credential provider keys set without a credential-provider component: %+v", r)
 			}
 		})
 	}
