@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -49,6 +50,7 @@ type testRegistry struct {
 	srv      *httptest.Server
 	host     string
 	requests atomic.Int64
+	conns    atomic.Int64 // connections accepted
 	mu       sync.Mutex
 	fault    func(w http.ResponseWriter, r *http.Request) bool // guarded by mu; true: handled
 }
@@ -57,7 +59,7 @@ func newTestRegistry(t testing.TB, referrers bool) *testRegistry {
 	t.Helper()
 	tr := &testRegistry{}
 	reg := registry.New(registry.WithReferrersSupport(referrers), registry.Logger(log.New(io.Discard, "", 0)))
-	tr.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	tr.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tr.requests.Add(1)
 		tr.mu.Lock()
 		f := tr.fault
@@ -67,6 +69,12 @@ func newTestRegistry(t testing.TB, referrers bool) *testRegistry {
 		}
 		reg.ServeHTTP(w, r)
 	}))
+	tr.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			tr.conns.Add(1)
+		}
+	}
+	tr.srv.Start()
 	t.Cleanup(tr.srv.Close)
 	tr.host = strings.TrimPrefix(tr.srv.URL, "http://")
 	return tr

@@ -6,11 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"golang.org/x/sync/errgroup"
-	"net"
-	"net/http"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-containerregistry/pkg/name"
@@ -115,12 +112,6 @@ func TestConnectionsReused(t *testing.T) {
 	t.Parallel()
 	const inFlight = 16
 	reg := newTestRegistry(t, true)
-	var dials atomic.Int64
-	reg.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
-		if s == http.StateNew {
-			dials.Add(1)
-		}
-	}
 	k := newTestKey(t, "ecdsa-p256")
 	p := policyFor(t, keysYAML("", 0, false, k))
 	var digests []name.Digest
@@ -142,7 +133,7 @@ func TestConnectionsReused(t *testing.T) {
 	} {
 		v := newTestVerifier(t, reg, c.mod)
 		wave := func(ds []name.Digest) int64 {
-			before := dials.Load()
+			before := reg.conns.Load()
 			var g errgroup.Group
 			for _, d := range ds {
 				g.Go(func() error {
@@ -155,7 +146,7 @@ func TestConnectionsReused(t *testing.T) {
 			if err := g.Wait(); err != nil {
 				t.Fatalf("%s: %v", c.name, err)
 			}
-			return dials.Load() - before
+			return reg.conns.Load() - before
 		}
 		// All waves together need no more connections than one wave may
 		// use at once. A connection goes back to the pool just after its
