@@ -202,7 +202,8 @@ func runDistribution(t testing.TB, bin, dir, cfg, base string, client *http.Clie
 }
 
 // TokenFront is a TLS server that answers /token as a registry token
-// service (docker token auth, ES256 JWTs with an x5c chain from a test CA)
+// service (docker token auth, ES256 JWTs with an x5c chain from a test CA;
+// GET with basic auth, and the OAuth2 password grant that containerd POSTs)
 // and forwards everything else to a registry behind it: a registry with a
 // bearer token flow on one host, like Harbor or GitLab's.
 type TokenFront struct {
