@@ -1,6 +1,7 @@
 package nodepull
 
 import (
+	"encoding/base64"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -72,12 +73,13 @@ func TestAgentPullsAndJudgesWithNodeCredentials(t *testing.T) {
 	cases := []struct {
 		registry, creds string
 		source          func(harness.NodeCredentials) (func(*config.Registries), []string)
+		viaHelper       bool // the helper's calls.log must show a get for the host
 	}{
-		{"htpasswd over TLS", "credential provider plugin", plugin},
-		{"htpasswd over TLS", "docker credential helper", helper},
-		{"bearer token", "docker config auths", auths},
-		{"bearer token", "credential provider plugin", plugin},
-		{"bearer token", "docker credential helper", helper},
+		{"htpasswd over TLS", "credential provider plugin", plugin, false},
+		{"htpasswd over TLS", "docker credential helper", helper, true},
+		{"bearer token", "docker config auths", auths, false},
+		{"bearer token", "credential provider plugin", plugin, false},
+		{"bearer token", "docker credential helper", helper, true},
 	}
 	for _, f := range harness.Flavours() {
 		for _, c := range cases {
@@ -108,7 +110,7 @@ func TestAgentPullsAndJudgesWithNodeCredentials(t *testing.T) {
 				if im, err := rt.ImageStatus(t.Context(), repo+"@"+reg.unsigned); err != nil || im != nil {
 					t.Fatalf("the rejected pin is on the node (%+v, %v)", im, err)
 				}
-				if c.creds == "docker credential helper" {
+				if c.viaHelper {
 					calls, err := os.ReadFile(filepath.Join(creds.HelperDir, "calls.log"))
 					if err != nil || !strings.Contains(string(calls), "get "+reg.host) {
 						t.Fatalf("the credential helper was not asked for %s (%v): %q", reg.host, err, calls)
@@ -122,9 +124,11 @@ func TestAgentPullsAndJudgesWithNodeCredentials(t *testing.T) {
 				if im := a.WaitVerdict(reg.unsigned, 2*time.Minute); im.Verdict != "unverified" || im.Reason != "no-signature" {
 					t.Fatalf("unsigned image: %+v, want unverified/no-signature", im)
 				}
-				for where, text := range map[string]string{"log": a.Log(), "status API": httpGet(t, "http://"+a.StatusAddr+"/v1/images")} {
-					if strings.Contains(text, pass) {
-						t.Errorf("the password is in the agent's %s", where)
+				b64 := base64.StdEncoding.EncodeToString([]byte(user + ":" + pass))
+				for where, text := range map[string]string{"log": a.Log(), "metrics": httpGet(t, a.MetricsURL+"/metrics"),
+					"status API": httpGet(t, "http://"+a.StatusAddr+"/v1/images")} {
+					if strings.Contains(text, pass) || strings.Contains(text, b64) {
+						t.Errorf("a credential is in the agent's %s", where)
 					}
 				}
 			})
