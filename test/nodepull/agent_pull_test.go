@@ -47,6 +47,7 @@ func pushProtected(t *testing.T, host, seed string, signer *harness.Signer) prot
 // auth). Credentials: a docker-credential-* helper named in credHelpers,
 // the static auths of a docker config, a kubelet credential provider plugin.
 func TestAgentPullsAndJudgesWithNodeCredentials(t *testing.T) {
+	harness.SkipShort(t, "containerd, distribution and the agent binary")
 	ca := harness.NewCA(t)
 	signer := harness.NewSigner(t)
 	basic := harness.StartDistributionWith(t, harness.DistributionOptions{TLS: ptr(ca.Issue("registry")), Htpasswd: map[string]string{user: pass}, Seed: true})

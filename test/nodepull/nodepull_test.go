@@ -96,6 +96,7 @@ func startNode(t *testing.T) (*harness.Containerd, *cri.Client) {
 // Then the upstream stops: a second node (containerd and agent) still pulls
 // the pin through the mirror, and its agent still verifies it.
 func TestNodePullsThroughMirror(t *testing.T) {
+	harness.SkipShort(t, "containerd, distribution and the agent binary")
 	for _, f := range harness.Flavours() {
 		t.Run(f.Name, func(t *testing.T) {
 			upstream := harness.StartDistributionWith(t, harness.DistributionOptions{})
