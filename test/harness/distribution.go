@@ -202,7 +202,8 @@ func runDistribution(t testing.TB, bin, dir, cfg, base string, client *http.Clie
 }
 
 // TokenFront is a TLS server that answers /token as a registry token
-// service (docker token auth, ES256 JWTs with an x5c chain from a test CA)
+// service (docker token auth, ES256 JWTs with an x5c chain from a test CA;
+// GET with basic auth, and the OAuth2 password grant that containerd POSTs)
 // and forwards everything else to a registry behind it: a registry with a
 // bearer token flow on one host, like Harbor or GitLab's.
 type TokenFront struct {
@@ -255,8 +256,21 @@ func (f *TokenFront) Serve(t testing.TB, backend string, cert Issued) {
 	t.Cleanup(func() { _ = f.srv.Close() })
 }
 
+// token answers both ways clients ask for a token: GET with basic auth
+// (go-containerregistry, docker) and the OAuth2 password grant, a form POST
+// with username and password (containerd, when it has credentials; other
+// grants get 400, on which containerd falls back to GET).
 func (f *TokenFront) token(w http.ResponseWriter, r *http.Request) {
 	user, pass, ok := r.BasicAuth()
+	scopes, service := r.URL.Query()["scope"], r.URL.Query().Get("service")
+	if r.Method == http.MethodPost {
+		if err := r.ParseForm(); err != nil || r.PostForm.Get("grant_type") != "password" {
+			http.Error(w, `{"error":"unsupported_grant_type"}`, http.StatusBadRequest)
+			return
+		}
+		user, pass, ok = r.PostForm.Get("username"), r.PostForm.Get("password"), true
+		scopes, service = strings.Fields(r.PostForm.Get("scope")), r.PostForm.Get("service")
+	}
 	authed := ok && f.users[user] != "" && f.users[user] == pass
 	if ok && !authed {
 		http.Error(w, `{"errors":[{"code":"UNAUTHORIZED"}]}`, http.StatusUnauthorized)
@@ -269,7 +283,7 @@ func (f *TokenFront) token(w http.ResponseWriter, r *http.Request) {
 	}
 	acc := []access{}
 	if authed {
-		for _, scope := range r.URL.Query()["scope"] {
+		for _, scope := range scopes {
 			parts := strings.Split(scope, ":")
 			if len(parts) == 3 && parts[0] == "repository" {
 				acc = append(acc, access{Type: "repository", Name: parts[1], Actions: strings.Split(parts[2], ",")})
@@ -280,7 +294,7 @@ func (f *TokenFront) token(w http.ResponseWriter, r *http.Request) {
 	jti := make([]byte, 8)
 	_, _ = rand.Read(jti)
 	claims := map[string]any{
-		"iss": f.Auth.Issuer, "sub": user, "aud": r.URL.Query().Get("service"),
+		"iss": f.Auth.Issuer, "sub": user, "aud": service,
 		"exp": now.Add(5 * time.Minute).Unix(), "nbf": now.Add(-time.Minute).Unix(), "iat": now.Unix(),
 		"jti": base64.RawURLEncoding.EncodeToString(jti), "access": acc,
 	}

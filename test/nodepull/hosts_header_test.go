@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/pinwarden/pinwarden/agent/config"
+	"github.com/pinwarden/pinwarden/agent/policy"
 	"github.com/pinwarden/pinwarden/agent/verdict"
 	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/test/harness"
@@ -56,4 +57,14 @@ func TestNodePullsWithHostsHeaderCredentials(t *testing.T) {
 	if res := v.Verify(t.Context(), p, d.Host+"/team/app", digest); res.Verdict != verdict.Verified {
 		t.Fatalf("pinwarden with the hosts.toml header: %s/%s: %s", res.Verdict, res.Reason, res.Detail)
 	}
+}
+
+// policyFor compiles a policy requiring s's signature on every image.
+func policyFor(t *testing.T, s *harness.Signer) *policy.Policy {
+	t.Helper()
+	set, err := policy.Compile(&config.Config{Policies: []config.Policy{harness.KeyPolicy("node", "**", s.PubPath)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return set.Policies[0]
 }

@@ -1,14 +1,16 @@
 // Package nodepull checks that pinwarden fetches signatures the way the node
-// pulls images: a real containerd pulls through the same containerd hosts
-// dir (private CA, mirror) with the credentials that pinwarden gets from the
-// node's credential sources (a kubelet credential provider plugin, as the
-// kubelet would hand them to CRI), and pinwarden judges the digest that
-// containerd pulled.
+// pulls images: the pinwarden agent binary runs on a real containerd (each
+// supported line) with the node's credentials (a docker-credential-* helper,
+// docker config auths, a kubelet credential provider plugin) and its hosts
+// dir (private CA, pull-through mirror); its prefetcher has containerd pull
+// each pin through CRI with the same credentials, and the agent judges the
+// digest that containerd pulled, read back from its status API.
 package nodepull
 
 import (
-	"encoding/json"
+	"flag"
 	"fmt"
+	"log"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,20 +18,39 @@ import (
 	"time"
 
 	"github.com/pinwarden/pinwarden/agent/config"
-	"github.com/pinwarden/pinwarden/agent/policy"
-	"github.com/pinwarden/pinwarden/agent/verdict"
-	"github.com/pinwarden/pinwarden/agent/verify"
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 	"go.uber.org/goleak"
 )
 
+// agentBin is the pinwarden binary under test: $PINWARDEN_BIN (make test
+// sets it), else one built by TestMain ("" under -short, where every test
+// here is skipped).
+var agentBin string
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	var dir string
+	if !testing.Short() {
+		var err error
+		if dir, err = os.MkdirTemp("", "pinwarden-nodepull-bin"); err != nil {
+			log.Fatal(err)
+		}
+		if agentBin, err = harness.AgentBinary(dir); err != nil {
+			_ = os.RemoveAll(dir)
+			log.Fatal(err)
+		}
+	}
 	goleak.VerifyTestMain(m,
 		goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"),
 		goleak.IgnoreAnyFunction("net/http.(*persistConn).writeLoop"),
 		goleak.IgnoreAnyFunction("net/http.(*persistConn).readLoop"),
 		goleak.IgnoreTopFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"),
+		goleak.Cleanup(func(int) {
+			if dir != "" {
+				_ = os.RemoveAll(dir)
+			}
+		}),
 	)
 }
 
@@ -37,19 +58,6 @@ const (
 	user = "node-user"
 	pass = "n0de-s3cret-pass"
 )
-
-func policyFor(t *testing.T, s *harness.Signer) *policy.Policy {
-	t.Helper()
-	cfg, err := config.Parse([]byte(fmt.Sprintf("policies:\n- name: node\n  images: [\"**\"]\n  keys: [%s]\n", s.PubPath)), "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	set, err := policy.Compile(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return set.Policies[0]
-}
 
 // pulledDigest pulls ref through CRI with auth and returns the manifest
 // digest containerd recorded for it.
@@ -82,96 +90,100 @@ func startNode(t *testing.T) (*harness.Containerd, *cri.Client) {
 	return ctd, c
 }
 
-// TestNodePullsWithPluginCredentialsOverTLS: registry with htpasswd over TLS
-// with a private CA named in hosts.toml; the credentials come from a kubelet
-// credential provider plugin.
-func TestNodePullsWithPluginCredentialsOverTLS(t *testing.T) {
-	ca := harness.NewCA(t)
-	d := harness.StartDistributionWith(t, harness.DistributionOptions{TLS: ptr(ca.Issue("registry")), Htpasswd: map[string]string{user: pass}, Seed: true})
-	signer := harness.NewSigner(t)
-	digest := harness.PushRandomImage(t, d.SeedHost+"/team/app:v1", 1024)
-	signer.Sign(t, d.SeedHost+"/team/app", digest)
+// TestNodePullsThroughMirror: containerd pulls through a pull-through
+// mirror named in hosts.toml, as the agent's prefetcher asks it to, and the
+// agent, reading the same file, judges the pulled digest via the mirror.
+// Then the upstream stops: a second node (containerd and agent) still pulls
+// the pin through the mirror, and its agent still verifies it.
+func TestNodePullsThroughMirror(t *testing.T) {
+	harness.SkipShort(t, "containerd, distribution and the agent binary")
+	for _, f := range harness.Flavours() {
+		t.Run(f.Name, func(t *testing.T) {
+			upstream := harness.StartDistributionWith(t, harness.DistributionOptions{})
+			signer := harness.NewSigner(t)
+			img := harness.RandomImage(t, 1024)
+			digest := harness.PushImage(t, upstream.Host+"/team/app:v1", img)
+			// With an annotation, so that pinwarden fetches the signature
+			// layer through the mirror (a plain cosign payload is rebuilt,
+			// not fetched) and the mirror must keep it.
+			signer.SignWith(t, upstream.Host+"/team/app", digest, harness.SignOptions{Annotations: map[string]any{"build": "42"}})
+			mirror := harness.StartDistributionWith(t, harness.DistributionOptions{ProxyRemoteURL: "http://" + upstream.Host})
+			hostsTOML := fmt.Sprintf("server = \"https://%s\"\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream.Host, mirror.Host)
+			pin := upstream.Host + "/team/app:v1@" + digest
+			policy := harness.KeyPolicy("node", upstream.Host+"/team/**", signer.PubPath)
 
-	ctd, c := startNode(t)
-	ctd.WriteHostsTOML(d.Host, fmt.Sprintf("server = \"https://%s\"\n[host.\"https://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = %q\n", d.Host, d.Host, ca.CertPath))
+			node := func() (*harness.Containerd, *harness.Agent) {
+				ctd := harness.StartContainerd(t, harness.WithFlavour(f))
+				ctd.WriteHostsTOML(upstream.Host, hostsTOML)
+				return ctd, startPrefetchingAgent(t, ctd, policy, pin, nil)
+			}
+			_, a := node()
+			if im := a.WaitVerdict(digest, 2*time.Minute); im.Verdict != "verified" {
+				t.Fatalf("agent via the mirror: %+v", im)
+			}
+			wantPulled(t, a, 1)
 
-	dir := t.TempDir()
-	harness.FakeBinary(t, "credprovider", dir, "node-plugin")
-	auth, _ := json.Marshal(map[string]any{d.Host: map[string]string{"username": user, "password": pass}})
-	cpc := filepath.Join(dir, "credential-provider.yaml")
-	if err := os.WriteFile(cpc, []byte(fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1
-kind: CredentialProviderConfig
-providers:
-- name: node-plugin
-  matchImages: [%q]
-  defaultCacheDuration: 5m
-  apiVersion: credentialprovider.kubelet.k8s.io/v1
-  env: [{name: FAKE_CP_AUTH, value: %q}]
-`, d.Host, auth)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	v, err := verify.New(verify.Options{Registries: config.Registries{
-		CredentialProviderConfig: cpc, CredentialProviderBinDir: dir, ContainerdHostsDir: ctd.HostsDir()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ac, ok := v.Credentials(d.Host)
-	if !ok {
-		t.Fatal("no credentials from the plugin")
-	}
-	// Without credentials the node cannot pull; with the plugin's it can.
-	if _, err := c.PullImage(t.Context(), d.Host+"/team/app:v1", nil); err == nil {
-		t.Fatal("anonymous pull succeeded")
-	}
-	pulled := pulledDigest(t, c, d.Host+"/team/app:v1", &cri.Auth{Username: ac.Username, Password: ac.Password})
-	if pulled != digest {
-		t.Fatalf("containerd pulled %s, pushed %s", pulled, digest)
-	}
-	res := v.Verify(t.Context(), policyFor(t, signer), d.Host+"/team/app", pulled)
-	if res.Verdict != verdict.Verified {
-		t.Fatalf("pinwarden: %s/%s: %s", res.Verdict, res.Reason, res.Detail)
+			// The mirror stores what it served (manifests are blobs too).
+			blobs := append(harness.SignatureLayers(t, upstream.Host+"/team/app", digest), digest, harness.ImageID(t, img))
+			layers, err := img.Layers()
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, l := range layers {
+				d, err := l.Digest()
+				if err != nil {
+					t.Fatal(err)
+				}
+				blobs = append(blobs, d.String())
+			}
+			for _, b := range blobs {
+				mirror.WaitBlobStored(t, b)
+			}
+			upstream.Stop()
+
+			_, a2 := node()
+			if im := a2.WaitVerdict(digest, 2*time.Minute); im.Verdict != "verified" {
+				t.Fatalf("second node, upstream stopped: %+v", im)
+			}
+			wantPulled(t, a2, 1)
+		})
 	}
 }
 
-// TestNodePullsThroughMirror: containerd pulls through a pull-through
-// mirror named in hosts.toml; pinwarden reads the same file, verifies via
-// the mirror, and still does after the upstream is gone.
-func TestNodePullsThroughMirror(t *testing.T) {
-	upstream := harness.StartDistributionWith(t, harness.DistributionOptions{})
-	signer := harness.NewSigner(t)
-	digest := harness.PushRandomImage(t, upstream.Host+"/team/app:v1", 1024)
-	// With an annotation, so that pinwarden fetches the signature layer
-	// through the mirror (a plain cosign payload is rebuilt, not fetched)
-	// and the mirror must keep it.
-	signer.SignWith(t, upstream.Host+"/team/app", digest, harness.SignOptions{Annotations: map[string]any{"build": "42"}})
-	mirror := harness.StartDistributionWith(t, harness.DistributionOptions{ProxyRemoteURL: "http://" + upstream.Host})
+// startPrefetchingAgent runs the agent binary on the node ctd, reading the
+// node's hosts dir, with one policy, the pins (a pin file's text: one
+// reference a line) prefetched, and the registry settings that regs sets
+// (nil: none); env is added to the agent's environment.
+func startPrefetchingAgent(t *testing.T, ctd *harness.Containerd, policy config.Policy, pins string, regs func(*config.Registries), env ...string) *harness.Agent {
+	t.Helper()
+	dir := t.TempDir()
+	pinFile := filepath.Join(dir, "pins.txt")
+	harness.WriteFile(t, pinFile, []byte(pins))
+	cfg := harness.AgentConfig(ctd.Endpoint(), filepath.Join(dir, "state"))
+	cfg.MetricsAddress, cfg.StatusAddress = harness.FreeAddr(t), harness.FreeAddr(t)
+	cfg.Registries.ContainerdHostsDir = ctd.HostsDir()
+	if regs != nil {
+		regs(&cfg.Registries)
+	}
+	cfg.Policies = []config.Policy{policy}
+	cfg.Pins = []string{pinFile}
+	cfg.Prefetch.Enabled = true
+	path := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
+	return harness.StartAgent(t, agentBin, path, cfg.MetricsAddress, cfg.StatusAddress, harness.WithAgentEnv(env...))
+}
 
-	ctd, c := startNode(t)
-	ctd.WriteHostsTOML(upstream.Host, fmt.Sprintf("server = \"https://%s\"\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream.Host, mirror.Host))
-	pulled := pulledDigest(t, c, upstream.Host+"/team/app:v1", nil)
-	if pulled != digest {
-		t.Fatalf("containerd pulled %s, pushed %s", pulled, digest)
-	}
-	opts := verify.Options{Registries: config.Registries{ContainerdHostsDir: ctd.HostsDir()}, RetryBackoff: 5 * time.Millisecond}
-	v, err := verify.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := policyFor(t, signer)
-	if res := v.Verify(t.Context(), p, upstream.Host+"/team/app", pulled); res.Verdict != verdict.Verified {
-		t.Fatalf("pinwarden via the mirror: %s/%s: %s", res.Verdict, res.Reason, res.Detail)
-	}
-	// The mirror stores blobs after serving them.
-	for _, l := range harness.SignatureLayers(t, upstream.Host+"/team/app", digest) {
-		mirror.WaitBlobStored(t, l)
-	}
-	upstream.Stop()
-	v2, err := verify.New(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if res := v2.Verify(t.Context(), p, upstream.Host+"/team/app", pulled); res.Verdict != verdict.Verified {
-		t.Fatalf("pinwarden with the upstream stopped: %s/%s: %s", res.Verdict, res.Reason, res.Detail)
+// wantPulled fails the test unless the agent's prefetcher has pulled n
+// images (pinwarden_prefetch_total{result="pulled"}), so what the agent
+// judged is what containerd pulled for it, not an image already there.
+func wantPulled(t *testing.T, a *harness.Agent, n float64) {
+	t.Helper()
+	var got float64
+	harness.Eventually(t, time.Minute, "prefetch pulls counted", func() (bool, string) {
+		got = harness.SumMetric(a.Metrics(), "pinwarden_prefetch_total", `result="pulled"`)
+		return got >= n, fmt.Sprintf("pinwarden_prefetch_total{result=\"pulled\"} = %v", got)
+	})
+	if got != n {
+		t.Fatalf("pinwarden_prefetch_total{result=\"pulled\"} = %v, want %v", got, n)
 	}
 }
 
