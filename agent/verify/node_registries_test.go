@@ -1,7 +1,6 @@
 package verify
 
 import (
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -68,26 +67,9 @@ func signerPolicy(t *testing.T, s *harness.Signer) *policy.Policy {
 	return policyFor(t, fmt.Sprintf("policies:\n- name: test\n  images: [\"**\"]\n  keys: [%s]\n", s.PubPath))
 }
 
-// logBuffer is a concurrency-safe slog sink at debug level.
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-func (l *logBuffer) logger() *slog.Logger {
-	return slog.New(slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug}))
+// debugLogger logs at debug level into b.
+func debugLogger(b *harness.LockedBuffer) *slog.Logger {
+	return slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 func TestVerifyWithNodeCredentialsOverTLS(t *testing.T) {
@@ -104,9 +86,9 @@ func TestVerifyWithNodeCredentialsOverTLS(t *testing.T) {
 	for kind, o := range nodeCredentials(t, d.Host) {
 		t.Run(kind, func(t *testing.T) {
 			t.Parallel()
-			var logs logBuffer
+			var logs harness.LockedBuffer
 			o.Registries.ContainerdHostsDir = hostsDir
-			o.Logger = logs.logger()
+			o.Logger = debugLogger(&logs)
 			o.RetryBackoff = 5 * time.Millisecond
 			v, err := New(o)
 			if err != nil {

@@ -216,25 +216,7 @@ type forwardProxy struct {
 	conns []net.Conn
 	wg    sync.WaitGroup // tunnel copiers
 	// tunnelled is every byte clients sent into CONNECT tunnels.
-	tunnelled lockedBuffer
-}
-
-// lockedBuffer is a bytes.Buffer safe for concurrent writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) Bytes() []byte {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return bytes.Clone(l.b.Bytes())
+	tunnelled harness.LockedBuffer
 }
 
 func startForwardProxy(t *testing.T, names map[string]string) *forwardProxy {
