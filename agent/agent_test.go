@@ -1,7 +1,10 @@
 package agent
 
 import (
+	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -130,4 +133,19 @@ func TestVerifierKey(t *testing.T) {
 	if verifierKey(cfg, nil) == k2 {
 		t.Error("registries change kept the key")
 	}
+}
+
+// runAgent runs the agent in this process on the config at cfgPath until
+// the test ends, then stops it and checks that Run returned nil.
+func runAgent(t *testing.T, cfgPath string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run = %v", err)
+		}
+	})
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -52,15 +51,7 @@ func TestRunPrefetchesPins(t *testing.T) {
 	cfg.Pins = []string{pinFile}
 	cfg.Prefetch.Enabled = true
 	cfgPath := harness.WriteConfig(t, filepath.Join(dir, "config.yaml"), cfg)
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	}()
+	runAgent(t, cfgPath)
 
 	c, err := cri.Dial(t.Context(), ctd.Endpoint(), "k8s.io")
 	if err != nil {
@@ -164,15 +155,7 @@ func TestRunPrefetchDisabled(t *testing.T) {
 	mu.Lock()
 	recording = true // the agent's requests only
 	mu.Unlock()
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	}()
+	runAgent(t, cfgPath)
 	harness.Eventually(t, 60*time.Second, "the image on the node verified", func() (bool, string) {
 		imgs, err := status.Fetch(t.Context(), http.DefaultClient, statusAddr)
 		for _, im := range imgs {

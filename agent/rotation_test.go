@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -21,43 +20,6 @@ import (
 	"github.com/pinwarden/pinwarden/cri"
 	"github.com/pinwarden/pinwarden/test/harness"
 )
-
-// secretVolume lays out a directory the way kubelet mounts a Secret:
-// name -> ..data/name, ..data -> ..<version>; publish swaps ..data
-// atomically, as kubelet does when the Secret changes.
-type secretVolume struct {
-	dir string
-	n   int
-}
-
-func (v *secretVolume) publish(t *testing.T, files map[string][]byte) {
-	t.Helper()
-	if err := os.MkdirAll(v.dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	v.n++
-	ver := filepath.Join(v.dir, fmt.Sprintf("..2026_12_01_12_00_%02d.%d", v.n, v.n))
-	if err := os.Mkdir(ver, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, b := range files {
-		if err := os.WriteFile(filepath.Join(ver, name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := os.Lstat(filepath.Join(v.dir, name)); err != nil {
-			if err := os.Symlink(filepath.Join("..data", name), filepath.Join(v.dir, name)); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	tmp := filepath.Join(v.dir, "..data_tmp")
-	if err := os.Symlink(filepath.Base(ver), tmp); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(v.dir, "..data")); err != nil {
-		t.Fatal(err)
-	}
-}
 
 func keyID(t *testing.T, pubPath string) (string, []byte) {
 	t.Helper()
@@ -95,7 +57,7 @@ func TestRunWaitsForKeysThenFollowsRotation(t *testing.T) {
 	good.Sign(t, reg+"/rotate/app", d)
 
 	dir := t.TempDir()
-	keys := &secretVolume{dir: filepath.Join(dir, "secrets", "keys")} // not mounted yet
+	keys := &harness.SecretVolume{Dir: filepath.Join(dir, "secrets", "keys")} // not mounted yet
 	metricsAddr, statusAddr := harness.FreeAddr(t), harness.FreeAddr(t)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	cfg := fmt.Sprintf(`runtimeEndpoint: %s
@@ -116,15 +78,7 @@ kubernetes:
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	}()
+	runAgent(t, cfgPath)
 
 	get := func(path string) (int, string) {
 		resp, err := http.Get("http://" + metricsAddr + path)
@@ -184,7 +138,7 @@ kubernetes:
 	}
 
 	// 2. The Secret appears, with the wrong key.
-	keys.publish(t, map[string][]byte{"ci.pub": wrongPEM})
+	keys.Publish(t, map[string][]byte{"ci.pub": wrongPEM})
 	waitImage("unverified under the wrong key", func(im status.Image) bool { return im.Verdict == verdict.Unverified })
 	if _, body := get("/metrics"); !strings.Contains(body, "pinwarden_config_last_reload_success 1") {
 		t.Errorf("last_reload_success is not 1 once the keys loaded")
@@ -195,7 +149,7 @@ kubernetes:
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys.publish(t, map[string][]byte{"ci.pub": goodPEM})
+	keys.Publish(t, map[string][]byte{"ci.pub": goodPEM})
 	after, err := LoadSettings(cfgPath)
 	if err != nil {
 		t.Fatal(err)
@@ -210,7 +164,7 @@ kubernetes:
 
 	// 4. The key is revoked (rotated back): the verdict cached under it is
 	// no longer reachable.
-	keys.publish(t, map[string][]byte{"ci.pub": wrongPEM})
+	keys.Publish(t, map[string][]byte{"ci.pub": wrongPEM})
 	waitImage("unverified after the revocation", func(im status.Image) bool { return im.Verdict == verdict.Unverified })
 }
 
@@ -222,8 +176,8 @@ func TestRunStartsWithBrokenDockerConfig(t *testing.T) {
 	ctd := harness.StartContainerd(t)
 	s := harness.NewSigner(t)
 	dir := t.TempDir()
-	creds := &secretVolume{dir: filepath.Join(dir, "pull")}
-	creds.publish(t, map[string][]byte{"config.json": []byte("{not json")})
+	creds := &harness.SecretVolume{Dir: filepath.Join(dir, "pull")}
+	creds.Publish(t, map[string][]byte{"config.json": []byte("{not json")})
 	metricsAddr := harness.FreeAddr(t)
 	cfgPath := filepath.Join(dir, "config.yaml")
 	cfg := fmt.Sprintf("runtimeEndpoint: %s\nstateDir: %s\nmetricsAddress: %q\nstatusAddress: \"\"\n"+
@@ -233,15 +187,7 @@ func TestRunStartsWithBrokenDockerConfig(t *testing.T) {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfgPath, "test", slog.New(slog.NewTextHandler(io.Discard, nil))) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run = %v", err)
-		}
-	}()
+	runAgent(t, cfgPath)
 	metric := func() string {
 		resp, err := http.Get("http://" + metricsAddr + "/metrics")
 		if err != nil {
@@ -260,7 +206,7 @@ func TestRunStartsWithBrokenDockerConfig(t *testing.T) {
 		m := metric()
 		return m == "pinwarden_config_last_reload_success 0", m
 	})
-	creds.publish(t, map[string][]byte{"config.json": []byte(`{"auths":{}}`)})
+	creds.Publish(t, map[string][]byte{"config.json": []byte(`{"auths":{}}`)})
 	harness.Eventually(t, 60*time.Second, "the fixed docker config loaded", func() (bool, string) {
 		m := metric()
 		return m == "pinwarden_config_last_reload_success 1", m

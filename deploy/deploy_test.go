@@ -5,7 +5,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"encoding/hex"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,7 +13,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/sigstore/sigstore-go/pkg/root"
 	"github.com/sigstore/sigstore-go/pkg/testing/ca"
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	appsv1 "k8s.io/api/apps/v1"
@@ -334,23 +332,7 @@ func newTrustedRoot(t *testing.T) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rekor := map[string]*root.TransparencyLog{}
-	for id, l := range vs.RekorLogs() {
-		c := *l
-		if c.ID, err = hex.DecodeString(id); err != nil {
-			t.Fatal(err)
-		}
-		rekor[id] = &c
-	}
-	tr, err := root.NewTrustedRoot(root.TrustedRootMediaType01, vs.FulcioCertificateAuthorities(), nil, vs.TimestampingAuthorities(), rekor)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := tr.MarshalJSON()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
+	return harness.TrustedRootJSON(t, vs)
 }
 
 // mountConfig lays out the DaemonSet's projected config volume under a temp

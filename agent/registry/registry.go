@@ -120,8 +120,8 @@ func (k *Keychain) remember(host string, ac *authn.AuthConfig, src string) {
 	}
 	h := sha256.Sum256([]byte(basic(ac.Username, ac.Password)))
 	hosts := []string{strings.ToLower(host)}
-	if slices.Contains(dockerHubHosts, hosts[0]) {
-		hosts = dockerHubHosts // Docker Hub's token service is auth.docker.io
+	if hub := dockercfg.DockerHubHosts(); slices.Contains(hub, hosts[0]) {
+		hosts = hub // Docker Hub's token service is auth.docker.io
 	}
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -132,8 +132,6 @@ func (k *Keychain) remember(host string, ac *authn.AuthConfig, src string) {
 		k.issued[host][h] = src
 	}
 }
-
-var dockerHubHosts = []string{"index.docker.io", "registry-1.docker.io", "docker.io", "auth.docker.io"}
 
 func basic(u, p string) string {
 	return "Basic " + base64.StdEncoding.EncodeToString([]byte(u+":"+p))

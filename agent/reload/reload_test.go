@@ -2,13 +2,14 @@ package reload
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // watcher runs a Watcher and records, in order, every check it makes after
@@ -127,39 +128,6 @@ func TestRenameOver(t *testing.T) {
 	waitCalls(t, w, 1)
 }
 
-// secretVolume lays out dir like kubelet's Secret and ConfigMap volumes:
-// name -> ..data/name, ..data -> ..<version>. swap publishes a new version
-// atomically (rename of a new ..data symlink), as kubelet does.
-type secretVolume struct {
-	dir string
-	n   int
-}
-
-func (v *secretVolume) swap(t *testing.T, files map[string]string) {
-	t.Helper()
-	v.n++
-	ver := filepath.Join(v.dir, fmt.Sprintf("..2026_12_01_10_00_0%d.%d", v.n, v.n))
-	if err := os.Mkdir(ver, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	for name, content := range files {
-		write(t, filepath.Join(ver, name), content)
-		link := filepath.Join(v.dir, name)
-		if _, err := os.Lstat(link); err != nil {
-			if err := os.Symlink(filepath.Join("..data", name), link); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	tmp := filepath.Join(v.dir, "..data_tmp")
-	if err := os.Symlink(filepath.Base(ver), tmp); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, filepath.Join(v.dir, "..data")); err != nil {
-		t.Fatal(err)
-	}
-}
-
 // TestMissingDirectoryAppears: a file whose directory does not exist yet
 // (a Secret not mounted, or mounted later) is watched through its nearest
 // existing ancestor and picked up when it appears.
@@ -175,10 +143,10 @@ func TestMissingDirectoryAppears(t *testing.T) {
 	if w.nextCheck(t) {
 		t.Fatal("a new empty directory counted as a change")
 	}
-	v := &secretVolume{dir: filepath.Dir(key)}
-	v.swap(t, map[string]string{"ci.pub": "key one"})
+	v := &harness.SecretVolume{Dir: filepath.Dir(key)}
+	v.Publish(t, map[string][]byte{"ci.pub": []byte("key one")})
 	waitCalls(t, w, 1)
-	v.swap(t, map[string]string{"ci.pub": "key two"})
+	v.Publish(t, map[string][]byte{"ci.pub": []byte("key two")})
 	waitCalls(t, w, 2)
 }
 
@@ -186,9 +154,9 @@ func TestMissingDirectoryAppears(t *testing.T) {
 // ..data swap is a change, though the path of the key never changes.
 func TestSecretKeyRotation(t *testing.T) {
 	t.Parallel()
-	v := &secretVolume{dir: t.TempDir()}
-	v.swap(t, map[string]string{"ci.pub": "key one", "root.json": "{}"})
-	w := startWatcher(t, []string{filepath.Join(v.dir, "ci.pub"), filepath.Join(v.dir, "root.json")})
-	v.swap(t, map[string]string{"ci.pub": "key two", "root.json": "{}"})
+	v := &harness.SecretVolume{Dir: t.TempDir()}
+	v.Publish(t, map[string][]byte{"ci.pub": []byte("key one"), "root.json": []byte("{}")})
+	w := startWatcher(t, []string{filepath.Join(v.Dir, "ci.pub"), filepath.Join(v.Dir, "root.json")})
+	v.Publish(t, map[string][]byte{"ci.pub": []byte("key two"), "root.json": []byte("{}")})
 	waitCalls(t, w, 1)
 }

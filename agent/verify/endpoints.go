@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -208,7 +207,9 @@ func (v *Verifier) endpointRepository(e hosts.Endpoint, host, path string) (name
 // that fails is noted and the next endpoint is tried; the note says when a
 // mirror had the image but not its signature. Fetching from more places
 // never weakens the check: every signature must still verify for digest.
-func (v *Verifier) verifyEndpoints(ctx context.Context, p *policy.Policy, repo, digest string) (signers []string, note string, err error) {
+// signedName is repo as go-containerregistry names it (Docker Hub as
+// index.docker.io), the name `cosign sign` writes into its payload.
+func (v *Verifier) verifyEndpoints(ctx context.Context, p *policy.Policy, repo, signedName, digest string) (signers []string, note string, err error) {
 	host, path, _ := strings.Cut(repo, "/")
 	host = strings.ToLower(host)
 	eps, err := v.hosts.Endpoints(ctx, host)
@@ -224,24 +225,20 @@ func (v *Verifier) verifyEndpoints(ctx context.Context, p *policy.Policy, repo, 
 	if len(usable) == 0 {
 		return nil, "", &RegistryError{Err: fmt.Errorf("containerd hosts config for %s: no endpoint may resolve tags", host)}
 	}
-	// The names the image may have been signed under: cosign writes the
-	// repository it signed as docker-reference. The registry's own name
-	// first; an endpoint's name is added below.
-	var signedAs []string
-	if up, err := v.repository(repo); err == nil {
-		signedAs = append(signedAs, up.Name())
-	}
 	var notes []string
 	for i, e := range usable {
 		r, plain, err := v.endpointRepository(e, host, path)
 		if err != nil {
 			return nil, "", fmt.Errorf("repository %q at %s: %w", repo, e.Host, err)
 		}
-		names := signedAs
-		if !slices.Contains(names, r.Name()) {
-			names = append(slices.Clip(names), r.Name())
+		// The names the image may have been signed under (cosign writes
+		// the repository it signed as docker-reference): the registry's,
+		// then the endpoint's.
+		signedAs := []string{signedName}
+		if r.Name() != signedName {
+			signedAs = append(signedAs, r.Name())
 		}
-		signers, err := v.verifyAt(ctx, p, r, plain, digest, names)
+		signers, err := v.verifyAt(ctx, p, r, plain, digest, signedAs)
 		if err == nil {
 			return signers, strings.Join(notes, "; "), nil
 		}

@@ -42,6 +42,8 @@ import (
 	"github.com/sigstore/sigstore/pkg/cryptoutils"
 	"github.com/sigstore/sigstore/pkg/signature"
 	"github.com/sigstore/sigstore/pkg/signature/payload"
+
+	"github.com/pinwarden/pinwarden/test/harness"
 )
 
 // testRegistry is ggcr's in-memory registry behind httptest, with a hook to
@@ -240,24 +242,7 @@ func newVirtualSigstore(t testing.TB) *virtualSigstore {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rekor := map[string]*root.TransparencyLog{}
-	for id, l := range vs.RekorLogs() {
-		c := *l
-		raw, err := hex.DecodeString(id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		c.ID = raw // VirtualSigstore stores the hex text; the JSON wants the raw key id
-		rekor[id] = &c
-	}
-	tr, err := root.NewTrustedRoot(root.TrustedRootMediaType01, vs.FulcioCertificateAuthorities(), nil, vs.TimestampingAuthorities(), rekor)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := tr.MarshalJSON()
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := harness.TrustedRootJSON(t, vs)
 	p := filepath.Join(t.TempDir(), "trusted_root.json")
 	if err := os.WriteFile(p, b, 0o600); err != nil {
 		t.Fatal(err)

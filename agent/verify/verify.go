@@ -303,7 +303,7 @@ func (v *Verifier) verify(ctx context.Context, p *policy.Policy, repo, digest st
 		return nil, "", fmt.Errorf("repository %q: %w", repo, err)
 	}
 	ctx = withBudget(withRegistry(ctx, r.RegistryStr()), v.opts.MaxVerifyBytes)
-	return v.verifyEndpoints(ctx, p, repo, digest)
+	return v.verifyEndpoints(ctx, p, repo, r.Name(), digest)
 }
 
 // verifyAt fetches and checks the signatures of digest at one endpoint's

@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -29,20 +28,7 @@ import (
 func TestImageRunsInContainerd(t *testing.T) {
 	harness.SkipShort(t, "runs containerd")
 	const version, commit = "v9.8.7-ctr", "def5678"
-	opts := Options{Binary: binary(t, version, commit), CACerts: caCerts(t), Version: version, Commit: commit,
-		Arch: runtime.GOARCH, RefName: "ghcr.io/pinwarden/pinwarden:" + version}
-	img, err := Build(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(t.TempDir(), "layout")
-	if err := WriteLayout(dir, img, opts.RefName); err != nil {
-		t.Fatal(err)
-	}
-	want, err := img.Digest()
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, dir, want := buildLayout(t, version, commit)
 
 	c := harness.StartContainerd(t)
 	client, err := containerd.New(c.Address())

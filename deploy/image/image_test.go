@@ -47,12 +47,11 @@ func caCerts(t *testing.T) []byte {
 	return b
 }
 
-// TestImage builds the image into an OCI layout, reads it back, checks its
-// config and files, and runs `pinwarden version` from its unpacked root
-// filesystem.
-func TestImage(t *testing.T) {
-	harness.SkipShort(t, "builds the binary and the image")
-	const version, commit = "v9.8.7-test", "abc1234"
+// buildLayout builds the image of a binary stamped with version and commit
+// and writes it to an OCI layout; it returns the options, the layout's
+// directory and the image's digest.
+func buildLayout(t *testing.T, version, commit string) (Options, string, v1.Hash) {
+	t.Helper()
 	opts := Options{Binary: binary(t, version, commit), CACerts: caCerts(t), Version: version, Commit: commit,
 		Arch: runtime.GOARCH, RefName: "ghcr.io/pinwarden/pinwarden:" + version}
 	img, err := Build(opts)
@@ -67,6 +66,16 @@ func TestImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return opts, dir, want
+}
+
+// TestImage builds the image into an OCI layout, reads it back, checks its
+// config and files, and runs `pinwarden version` from its unpacked root
+// filesystem.
+func TestImage(t *testing.T) {
+	harness.SkipShort(t, "builds the binary and the image")
+	const version, commit = "v9.8.7-test", "abc1234"
+	opts, dir, want := buildLayout(t, version, commit)
 
 	// Reproducible: the same inputs give the same digest.
 	again, err := Build(opts)

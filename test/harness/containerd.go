@@ -423,8 +423,11 @@ func waitCRI(ctx context.Context, addr string, exited <-chan struct{}) error {
 }
 
 // LogTail returns the last n lines of the daemon's log.
-func (c *Containerd) LogTail(n int) string {
-	b, err := os.ReadFile(c.logPath)
+func (c *Containerd) LogTail(n int) string { return fileTail(c.logPath, n) }
+
+// fileTail returns the last n lines of the file at path, or why it cannot.
+func fileTail(path string, n int) string {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}

@@ -88,6 +88,7 @@ func (d *Distribution) WaitBlobStored(t testing.TB, digest string) {
 // and waits until /v2/ answers (200 or 401).
 func StartDistributionWith(t testing.TB, o DistributionOptions) *Distribution {
 	t.Helper()
+	SkipShort(t, "the distribution registry")
 	bin := DistributionBin
 	if v := os.Getenv("PINWARDEN_DISTRIBUTION_BIN"); v != "" {
 		bin = v

@@ -82,7 +82,7 @@ func TestHarness(t *testing.T) {
 		t.Run(f.Name, func(t *testing.T) {
 			t.Parallel()
 			ggcr := harness.StartRegistry(t)
-			dist := harness.StartDistribution(t)
+			dist := harness.StartDistributionWith(t, harness.DistributionOptions{}).Host
 			c := harness.StartContainerd(t, harness.WithFlavour(f), harness.WithInsecureRegistry(ggcr))
 			c.AddInsecureRegistry(dist) // added while running
 			for _, reg := range []string{ggcr, dist} {

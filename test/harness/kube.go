@@ -106,17 +106,7 @@ func (p *proc) stop() {
 	}
 }
 
-func (p *proc) tail(n int) string {
-	b, err := os.ReadFile(p.log)
-	if err != nil {
-		return fmt.Sprintf("(no log: %v)", err)
-	}
-	lines := bytes.Split(bytes.TrimRight(b, "\n"), []byte("\n"))
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return string(bytes.Join(lines, []byte("\n")))
-}
+func (p *proc) tail(n int) string { return fileTail(p.log, n) }
 
 // StartKube starts etcd and kube-apiserver and waits until the API server is
 // ready. Both are stopped when the test ends; their logs are printed when it

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -41,6 +42,10 @@ const (
 // dockerHubHosts are the hosts Docker Hub's credentials belong to (the
 // registry and its token service).
 var dockerHubHosts = []string{"index.docker.io", "registry-1.docker.io", "docker.io", "auth.docker.io"}
+
+// DockerHubHosts returns the hosts Docker Hub's credentials belong to (the
+// registry's names and its token service).
+func DockerHubHosts() []string { return slices.Clone(dockerHubHosts) }
 
 // Option configures a Keychain.
 type Option func(*Keychain)
