@@ -133,9 +133,8 @@ kubernetes:
 		_, body := get("/metrics")
 		return strings.Contains(body, `pinwarden_verifications_total{result="error"`), "no verification counted"
 	})
-	if im, ok := image(); !ok || im.Verdict != verdict.Pending {
-		t.Fatalf("without keys the image is %+v, want pending", im)
-	}
+	// The status view is published just after the metric counts: wait for it.
+	waitImage("pending without keys", func(im status.Image) bool { return im.Verdict == verdict.Pending })
 
 	// 2. The Secret appears, with the wrong key.
 	keys.Publish(t, map[string][]byte{"ci.pub": wrongPEM})
